@@ -1,0 +1,1 @@
+"""The engine: training methods on a small backend protocol. Never imports ComfyUI."""
