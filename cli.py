@@ -1,0 +1,68 @@
+"""The ``concept-guard`` command (also ``python -m concept_guard``).
+
+Each subcommand lives next to the code it drives and registers itself through a
+``register(subparsers)`` function; this module only assembles them and turns our errors into
+one clear line on stderr with exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+
+from . import __version__
+from .core.errors import ConceptGuardError
+
+# Modules that provide ``register(subparsers)``; a module that is missing (not yet built) is skipped.
+_SUBCOMMAND_MODULES = (
+    "concept_guard.core.shapesworld.commands",
+    "concept_guard.core.evaluate_cli",
+    "concept_guard.core.methods.esd_cli",
+    "concept_guard.core.methods.ti_cli",
+    "concept_guard.core.edit_cli",
+    "concept_guard.core.smoke",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="concept-guard",
+        description="Regulate what a Stable Diffusion model can generate: erase concepts (ESD), "
+        "train backdoored textual-inversion embeddings, apply and convert weight edits.",
+    )
+    parser.add_argument("--version", action="version", version=f"concept-guard {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details (DEBUG)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in _SUBCOMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name == name:
+                continue
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0
+    try:
+        return int(args.func(args) or 0)
+    except ConceptGuardError as e:
+        print(f"concept-guard {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"concept-guard {args.command}: interrupted; nothing was written.", file=sys.stderr)
+        return 130
