@@ -1,0 +1,1 @@
+"""Training methods (ESD, backdoored textual inversion, …), each on the backend protocol."""
