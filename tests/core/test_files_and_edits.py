@@ -35,8 +35,9 @@ def test_missing_or_unwritable_folder(tmp_path):
 
 
 def test_failed_write_leaves_nothing(tmp_path):
-    with pytest.raises(Exception):
-        save_safetensors_atomic({"x": "not a tensor"}, tmp_path / "a.safetensors")  # type: ignore[dict-item]
+    shared = torch.ones(4)  # safetensors refuses tensors that share memory, after the temp file exists
+    with pytest.raises(RuntimeError, match="share memory"):
+        save_safetensors_atomic({"x": shared, "y": shared}, tmp_path / "a.safetensors")
     assert os.listdir(tmp_path) == []
 
 
