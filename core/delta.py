@@ -78,7 +78,9 @@ class DeltaSet(nn.Module):
         self._enabled = True
         self._on_detach = on_detach
         for d in deltas.values():
-            d._switch = self
+            # A plain attribute, not a registered submodule: registering it would make a cycle
+            # (set -> delta -> set) and `.to()` / `state_dict()` would recurse forever.
+            object.__setattr__(d, "_switch", self)
 
     @property
     def enabled(self) -> bool:
