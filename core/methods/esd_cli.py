@@ -64,8 +64,11 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, seed=args.seed,
     )
     start = time.perf_counter()
-    backend = DiffusersBackend.load(args.model, device=args.device)
+    import torch
     from tqdm.auto import tqdm
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    backend = DiffusersBackend.load(args.model, device=device)
 
     bar = tqdm(total=cfg.iterations, desc="ESD", disable=args.json or not sys.stderr.isatty())
 
