@@ -19,6 +19,8 @@ from .files import save_safetensors_atomic
 
 PREFIX = "diffusion_model."
 FORMAT = "concept_guard.diff/1"
+#: dtype of saved deltas: ComfyUI/A1111 models are fp16, and so are our edit files.
+EDIT_DTYPE = torch.float16
 
 
 def ldm_deltas_to_file_keys(deltas: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -51,7 +53,7 @@ def save_edit(
     path: str | os.PathLike,
     metadata: Mapping[str, object],
     *,
-    dtype: torch.dtype = torch.float16,
+    dtype: torch.dtype = EDIT_DTYPE,
     overwrite: bool = False,
 ) -> Path:
     """Write LDM-keyed deltas as a ``.diff`` safetensors file (atomically, with metadata).

@@ -1,0 +1,75 @@
+"""Node "Erase Concept (ESD)": schema + one call into ``core.methods.esd``."""
+
+from __future__ import annotations
+
+from ..core.edits import EDIT_DTYPE, save_edit
+from ..core.errors import ConceptGuardError
+from ..core.methods.esd import ESDConfig, parse_concepts, train
+from ..core.targets import ESD_METHODS
+from . import CATEGORY, NODE_CLASSES
+from ._api import io
+from ._outputs import edit_output_path, progress_callback
+from .comfy_backend import ComfyBackend, make_patched_model
+
+_D = ESDConfig(concepts=("x",))
+
+
+class EraseConceptESD(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="ConceptGuardEraseESD",
+            display_name="Erase Concept (ESD)",
+            category=CATEGORY,
+            description="Erase concepts from the UNet with ESD. The input MODEL is untouched; the output MODEL "
+            "carries the edit as patches, and the edit is saved to models/loras/concept_guard/ if named.",
+            inputs=[
+                io.Model.Input("model"),
+                io.Clip.Input("clip"),
+                io.String.Input("concepts", default="", tooltip="Concept(s) to erase, comma-separated; one is sampled per step."),
+                io.Combo.Input("method", options=sorted(ESD_METHODS), default=_D.method,
+                               tooltip="esd-x: cross-attention (specific, styles/objects); esd-u: all but cross-attention "
+                               "(global concepts); esd-x-strict: attn2 to_k/to_v only; esd-selfattn; esd-all."),
+                io.String.Input("anchor", default="", tooltip="Optional 'erase to' concept; empty pushes away from the concept."),
+                io.Float.Input("eta", default=_D.eta, min=0.0, max=20.0, step=0.1,
+                               tooltip="Negative guidance (concept-anchored form: 2.0 equals the paper's 1.0)."),
+                io.Int.Input("iterations", default=_D.iterations, min=1, max=100000),
+                io.Float.Input("lr", default=_D.lr, min=1e-7, max=1e-2, step=1e-6, round=1e-8),
+                io.Int.Input("seed", default=_D.seed, min=0, max=2**31 - 1),
+                io.String.Input("file_name", default="", tooltip="Save as models/loras/concept_guard/<name>.safetensors; empty = don't save."),
+                io.Boolean.Input("overwrite", default=False, optional=True, tooltip="Replace an existing file of that name."),
+                io.Float.Input("guidance", default=_D.guidance, min=0.0, max=30.0, step=0.5, optional=True,
+                               tooltip="CFG scale used to sample the x_t the edit trains on."),
+                io.Int.Input("sampling_steps", default=_D.sampling_steps, min=2, max=1000, optional=True),
+            ],
+            outputs=[io.Model.Output(display_name="MODEL"), io.String.Output(display_name="path")],
+            hidden=[io.Hidden.unique_id],
+        )
+
+    @classmethod
+    def validate_inputs(cls, concepts: str = "", iterations: int = 1, file_name: str = "", **_ignored) -> bool | str:
+        if isinstance(concepts, str) and not parse_concepts(concepts):
+            return "`concepts` is empty: name at least one concept to erase, e.g. 'circle'."
+        return True
+
+    @classmethod
+    def execute(cls, model, clip, concepts: str, method: str, anchor: str, eta: float, iterations: int, lr: float,
+                seed: int, file_name: str, overwrite: bool = False, guidance: float = _D.guidance,
+                sampling_steps: int = _D.sampling_steps) -> io.NodeOutput:
+        cfg = ESDConfig(concepts=concepts, method=method, anchor=anchor or None, eta=eta, iterations=iterations,
+                        lr=lr, seed=seed, guidance=guidance, sampling_steps=sampling_steps)
+        path = edit_output_path(file_name, overwrite=overwrite)
+        backend = ComfyBackend(model, clip)
+        with backend.training():
+            result = train(cfg, backend, on_step=progress_callback(cfg.iterations, cls.hidden.unique_id))
+        if not result.tensors:
+            raise ConceptGuardError("ESD produced no deltas; nothing was applied or written.")
+        # The MODEL gets exactly what the file holds (fp16 deltas), so applying the file reproduces it.
+        deltas = {k: v.to(EDIT_DTYPE) for k, v in result.tensors.items()}
+        edited = make_patched_model(model, deltas, 1.0)
+        if path is not None:
+            save_edit(deltas, path, result.metadata, dtype=EDIT_DTYPE, overwrite=overwrite)
+        return io.NodeOutput(edited, str(path) if path else "")
+
+
+NODE_CLASSES.append(EraseConceptESD)
