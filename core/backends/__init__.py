@@ -1,0 +1,1 @@
+"""Implementations of :class:`concept_guard.core.backend.DiffusionBackend` (diffusers; ComfyUI lives in nodes/)."""
