@@ -176,8 +176,8 @@ class DiffusersBackend:
 
         Args:
             path: ``"shapesworld"``, a diffusers pipeline folder, or an SD1.x/2.x/XL ``.safetensors``/``.ckpt``.
-            device, dtype: where and in which dtype the UNet and text encoders compute. A VAE whose config
-                asks for it (``force_upcast``, SDXL) stays fp32 when ``dtype`` is fp16.
+            device, dtype: where and in which dtype the models compute; with fp16, a VAE whose config asks
+                for it (``force_upcast``) stays fp32, as in the diffusers pipelines.
             prediction_type: override (``"epsilon"``/``"v_prediction"``), e.g. for SD2 512-base checkpoints.
             tokenizer: for single files only, a folder with the CLIP tokenizer (see ``single_file``).
 
@@ -196,8 +196,6 @@ class DiffusersBackend:
         for enc in parts.text_encoders:
             enc.to(device)
         parts.vae.to(device)
-        if dtype == torch.float16 and parts.vae.config.get("force_upcast"):  # fp16 VAEs overflow (SDXL)
-            parts.vae.to(dtype=torch.float32)
         return cls(parts, prediction_type=prediction_type)
 
     # -- text, eps, VAE -----------------------------------------------------------------------

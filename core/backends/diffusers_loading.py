@@ -77,6 +77,12 @@ def _check_tokenizer(folder: Path, sub: str) -> None:
     raise _missing(folder, f"{sub}/vocab.json and {sub}/merges.txt", "the CLIP tokenizer files")
 
 
+def vae_dtype(dtype: torch.dtype, vae_config: dict) -> torch.dtype:
+    """fp16 VAEs overflow (SDXL's notably); like the diffusers pipelines, keep a VAE whose config asks
+    for it (``force_upcast``, diffusers' default) in fp32 when the rest is fp16."""
+    return torch.float32 if dtype == torch.float16 and vae_config.get("force_upcast", True) else dtype
+
+
 def is_sdxl_folder(folder: Path) -> bool:
     index = folder / "model_index.json"
     if index.is_file():
@@ -113,7 +119,10 @@ def load_pipeline_folder(folder: str | Path, dtype: torch.dtype) -> PipelinePart
     lazy = {"low_cpu_mem_usage": is_accelerate_available()}  # diffusers' fast path needs accelerate
     try:
         unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", variant=variants["unet"], **common, **lazy)
-        vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", variant=variants["vae"], **common, **lazy)
+        vae = AutoencoderKL.from_pretrained(
+            folder, subfolder="vae", variant=variants["vae"], local_files_only=True, **lazy,
+            torch_dtype=vae_dtype(dtype, json.loads((folder / "vae" / "config.json").read_text())),
+        )
         text_encoders = []
         for i, sub in enumerate(encoders):
             cls = _text_encoder_class(folder / sub / "config.json", CLIPTextModelWithProjection if i else CLIPTextModel)

@@ -32,7 +32,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 
 from ..errors import ModelLoadError
 from ..keymap import UNetKeyMap, ldm_to_diffusers_state_dict
-from .diffusers_loading import PipelineParts
+from .diffusers_loading import PipelineParts, vae_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -295,7 +295,8 @@ def load_single_file(
     unet = _meta_model(UNet2DConditionModel, config, ldm_to_diffusers_state_dict(unet_sd, keymap, shapes), dtype, "UNet")
 
     vae_config = infer_vae_config(_sub(full, VAE_PREFIX), scaling_factor=0.13025 if sdxl else 0.18215)
-    vae = _meta_model(AutoencoderKL, vae_config, convert_ldm_vae_checkpoint(full, vae_config), dtype, "VAE")
+    vae_state = convert_ldm_vae_checkpoint(full, vae_config)
+    vae = _meta_model(AutoencoderKL, vae_config, vae_state, vae_dtype(dtype, vae_config), "VAE")
 
     pads = {"sd1": ["<|endoftext|>"], "sd2": ["!"], "sdxl": ["<|endoftext|>", "!"]}[arch]
     toks = load_tokenizers(tokenizer, pads, max_length=77)

@@ -266,3 +266,19 @@ def test_resolve_model_errors(tmp_path, tiny_dirs):
         resolve_model(text)
     with pytest.raises(ModelLoadError, match="single model's folder"):
         DiffusersBackend.load(tiny_dirs("sd1") / "unet")
+
+
+def test_half_precision_unet_keeps_fp32_deltas_and_vae(tiny_dirs):
+    backend = DiffusersBackend.load(tiny_dirs("sd1"), dtype=torch.float16)
+    assert (backend.dtype, backend.vae.dtype) == (torch.float16, torch.float32)  # VAE force_upcast
+    cond = backend.encode_text(PROMPTS)
+    x, t = _inputs(backend)
+    base = backend.eps(x, t, cond)
+    assert base.dtype == torch.float32
+    with backend.attach_deltas([n for n in backend.unet_module_names() if ".attn2." in n]) as deltas:
+        _fill_random(deltas)
+        backend.eps(x, t, cond).square().mean().backward()
+        assert all(p.dtype == torch.float32 and p.grad is not None for p in deltas.parameters())
+        with deltas.teacher():
+            assert torch.equal(backend.eps(x, t, cond), base)
+    assert backend.vae_decode(x).dtype == torch.float32
