@@ -282,3 +282,8 @@ def test_half_precision_unet_keeps_fp32_deltas_and_vae(tiny_dirs):
         with deltas.teacher():
             assert torch.equal(backend.eps(x, t, cond), base)
     assert backend.vae_decode(x).dtype == torch.float32
+
+
+def test_resolve_shapesworld_is_lazy_and_named():
+    shapesworld = pytest.importorskip("concept_guard.core.shapesworld")
+    assert resolve_model("shapesworld") == resolve_model(" ShapesWorld ") == shapesworld.shapesworld_model_path()
