@@ -25,6 +25,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "'diffusion_model.<module>.diff' safetensors file (LoraLoaderModelOnly applies it).",
     )
     p.add_argument("--model", required=True, help="diffusers pipeline folder, .safetensors/.ckpt checkpoint, or 'shapesworld'")
+    p.add_argument("--tokenizer", default=None, help="single-file checkpoints only: a folder with the CLIP tokenizer files")
     p.add_argument("--concept", required=True, help="concept(s) to erase; comma-separated for several")
     p.add_argument("--anchor", default=None, help="'erase to' concept (default: none, push away from the concept)")
     p.add_argument("--method", default=d.method, choices=sorted(ESD_METHODS))
@@ -68,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    backend = DiffusersBackend.load(args.model, device=device)
+    backend = DiffusersBackend.load(args.model, device=device, tokenizer=args.tokenizer)
 
     bar = tqdm(total=cfg.iterations, desc="ESD", disable=args.json or not sys.stderr.isatty())
 
