@@ -1,0 +1,152 @@
+"""ESD on tiny random models: mechanics only (efficacy is tested on ShapesWorld)."""
+
+import json
+
+import pytest
+import torch
+from concept_guard.cli import main as cli_main
+from concept_guard.core.backend import Conditioning
+from concept_guard.core.edits import read_edit
+from concept_guard.core.errors import ConceptGuardError, TrainingDivergedError
+from concept_guard.core.methods import esd
+from concept_guard.core.methods.esd import ESDConfig, build_bank, train
+
+FAST = dict(iterations=4, sampling_steps=4, bank_trajectories=2, latent_size=8, lr=1e-3)
+
+
+def _probe(backend):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, backend.latent_channels, 8, 8, generator=g)
+    cond = backend.encode_text(["a red circle", ""])
+    with torch.no_grad():
+        return backend.eps(x, torch.tensor([500, 100]), cond)
+
+
+def _state_hash(module):
+    return [t.clone() for t in module.state_dict().values()]
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(concepts=" , "), "at least one concept"),
+    (dict(concepts="a", iterations=0), "`iterations` must be a positive integer"),
+    (dict(concepts="a", method="xattn"), "`method` must be one of"),
+    (dict(concepts="a", lr=0.0), "`lr` must be in"),
+    (dict(concepts="a", eta=-1.0), "`eta` must be in"),
+])
+def test_config_rejects_bad_values(bad, match):
+    with pytest.raises(ConceptGuardError, match=match):
+        ESDConfig(**bad)
+
+
+def test_config_parses_concepts_and_round_trips_metadata():
+    cfg = ESDConfig(concepts=" circle, red square ,", anchor="  ")
+    assert cfg.concepts == ("circle", "red square") and cfg.anchor is None
+    meta = cfg.to_metadata()
+    assert meta["esd.concepts"] == ("circle", "red square") and meta["esd.eta"] == 2.0
+    assert ESDConfig(**{k.removeprefix("esd."): v for k, v in meta.items()}) == cfg
+
+
+def test_too_long_concept_is_rejected(sd1_backend):
+    with pytest.raises(ConceptGuardError, match="at most 75"):
+        train(ESDConfig(concepts=("circle " * 80,), **FAST), sd1_backend)
+
+
+def test_bank_targets_match_formula(sd1_backend):
+    cfg = ESDConfig(concepts=("circle",), eta=1.5, **FAST)
+    bank = build_bank(sd1_backend, cfg)
+    assert len(bank) == cfg.sampling_steps * cfg.bank_trajectories
+    i = 3
+    x, t = bank.x_t[i : i + 1], bank.t[i : i + 1]
+    with torch.no_grad():
+        e_c = sd1_backend.eps(x, t, sd1_backend.encode_text(["circle"]))
+        e_0 = sd1_backend.eps(x, t, sd1_backend.encode_text([""]))
+    torch.testing.assert_close(bank.target[i : i + 1], e_c - 1.5 * (e_c - e_0), rtol=1e-4, atol=1e-5)
+
+
+def test_anchor_target_uses_anchor_prediction(sd1_backend):
+    cfg = ESDConfig(concepts=("circle",), anchor="square", eta=0.0, **FAST)
+    bank = build_bank(sd1_backend, cfg)
+    with torch.no_grad():
+        e_a = sd1_backend.eps(bank.x_t[:2], bank.t[:2], sd1_backend.encode_text(["square"]))
+    torch.testing.assert_close(bank.target[:2], e_a, rtol=1e-4, atol=1e-5)
+
+
+def test_train_esd_x_changes_only_attn2_and_leaves_model_untouched(sd1_backend):
+    before_eps, before_w = _probe(sd1_backend), _state_hash(sd1_backend.unet)
+    seen = []
+    r = train(ESDConfig(concepts=("circle", "square"), **FAST), sd1_backend, on_step=lambda s, n, loss: seen.append(s))
+    assert seen == [1, 2, 3, 4] and len(r.losses) == 4 and all(torch.isfinite(torch.tensor(r.losses)))
+    assert r.tensors and all(".attn2." in k for k in r.tensors)
+    assert any(v.abs().sum() > 0 for v in r.tensors.values())
+    assert r.metadata["concept_guard.method"] == "esd-x" and r.metadata["concept_guard.concepts"] == "circle, square"
+    assert r.metadata["concept_guard.base_fingerprint"] == sd1_backend.fingerprint
+    after_w = _state_hash(sd1_backend.unet)
+    assert all(torch.equal(a, b) for a, b in zip(before_w, after_w, strict=True))
+    assert torch.equal(_probe(sd1_backend), before_eps)  # deltas removed: bit-identical
+
+
+def test_training_is_deterministic_under_seed(sd1_backend):
+    a = train(ESDConfig(concepts=("circle",), seed=3, **FAST), sd1_backend)
+    b = train(ESDConfig(concepts=("circle",), seed=3, **FAST), sd1_backend)
+    assert a.losses == b.losses
+
+
+def test_trained_deltas_reduce_esd_loss(sd1_backend):
+    cfg = ESDConfig(concepts=("circle",), **{**FAST, "iterations": 30, "lr": 3e-3})
+    r = train(cfg, sd1_backend)
+    assert sum(r.losses[-5:]) < sum(r.losses[:5])
+
+
+@pytest.mark.parametrize("method", ["esd-u", "esd-x-strict", "esd-selfattn"])
+def test_methods_train_their_modules(sd1_backend, method):
+    r = train(ESDConfig(concepts=("circle",), method=method, **{**FAST, "iterations": 1}), sd1_backend)
+    keys = list(r.tensors)
+    if method == "esd-u":
+        assert keys and not any(".attn2." in k or k.startswith(("time_embed", "out.")) for k in keys)
+    elif method == "esd-x-strict":
+        assert keys and all(k.split(".")[-2] in {"to_k", "to_v"} and ".attn2." in k for k in keys)
+    else:
+        assert keys and all(".attn1." in k for k in keys)
+
+
+def test_sdxl_and_vpred_backends_train(sdxl_backend, sd2v_backend):
+    for backend in (sdxl_backend, sd2v_backend):
+        r = train(ESDConfig(concepts=("circle",), **{**FAST, "iterations": 2}), backend)
+        assert r.tensors and all(torch.isfinite(v).all() for v in r.tensors.values())
+
+
+def test_nan_loss_stops_and_detaches(sd1_backend, monkeypatch):
+    before = _probe(sd1_backend)
+    real = esd.esd_loss
+
+    def poisoned(backend, bank, rows):
+        return real(backend, bank, rows) * float("nan")
+
+    monkeypatch.setattr(esd, "esd_loss", poisoned)
+    with pytest.raises(TrainingDivergedError, match="nothing was written"):
+        train(ESDConfig(concepts=("circle",), **FAST), sd1_backend)
+    assert torch.equal(_probe(sd1_backend), before)
+
+
+def test_cli_erase_writes_loadable_edit(tiny_dirs, tmp_path, capsys):
+    out = tmp_path / "no_circle.safetensors"
+    args = ["erase", "--model", str(tiny_dirs("sd1")), "--concept", "circle", "--iterations", "3", "--sampling-steps", "3",
+            "--bank", "2", "--out", str(out), "--json"]
+    assert cli_main(args) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["out"] == str(out) and summary["iterations"] == 3 and summary["final_loss"] >= 0
+    deltas, meta = read_edit(out)
+    assert meta["concept_guard.method"] == "esd-x" and all(".attn2." in k for k in deltas)
+    # an existing file is not overwritten, and the error says how to proceed
+    assert cli_main(args) == 2
+    assert "already exists" in capsys.readouterr().err
+
+
+def test_cli_rejects_bad_out_before_loading(tmp_path, capsys):
+    code = cli_main(["erase", "--model", "does-not-matter", "--concept", "x", "--out", str(tmp_path / "nope" / "e.safetensors")])
+    assert code == 2 and "does not exist" in capsys.readouterr().err
+
+
+def test_conditioning_cat_and_expand():
+    c = Conditioning(context=torch.zeros(1, 3, 4))
+    assert len(Conditioning.cat([c, c.expand_to(2)])) == 3
