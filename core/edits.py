@@ -14,7 +14,7 @@ import torch
 from safetensors import safe_open
 
 from .. import __version__
-from .errors import ConceptGuardError
+from .errors import ArchitectureMismatchError, ConceptGuardError
 from .files import save_safetensors_atomic
 
 PREFIX = "diffusion_model."
@@ -72,3 +72,41 @@ def read_edit(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[st
         meta = f.metadata() or {}
         tensors = {k: f.get_tensor(k).float() for k in f.keys()}
     return file_keys_to_ldm_deltas(tensors), meta
+
+
+def attach_edit(backend, deltas: Mapping[str, torch.Tensor], strength: float = 1.0):
+    """Apply LDM-keyed deltas to a backend's UNet as ``W + strength·ΔW`` without touching its weights.
+
+    Uses the backend's own delta mechanism (hooks/wrappers), so ``detach()`` on the returned
+    :class:`~concept_guard.core.delta.DeltaSet` (or a ``with`` block) restores the base exactly.
+
+    Raises:
+        ArchitectureMismatchError: a key is not a weight of this UNet, or a shape differs.
+    """
+    modules = sorted({k.rsplit(".", 1)[0] for k in deltas})
+    available = set(backend.unet_module_names())
+    unknown = [m for m in modules if m not in available]
+    if unknown:
+        raise ArchitectureMismatchError(
+            f"The edit names {len(unknown)} module(s) this {backend.arch} UNet does not have (e.g. {unknown[:3]}); "
+            "it was made for another model architecture."
+        )
+    ds = backend.attach_deltas(modules)
+    try:
+        with torch.no_grad():
+            for key, value in deltas.items():
+                module, _, kind = key.rpartition(".")
+                target = ds[module].weight if kind == "weight" else ds[module].bias
+                if target is None or tuple(target.shape) != tuple(value.shape):
+                    have = None if target is None else tuple(target.shape)
+                    raise ArchitectureMismatchError(
+                        f"Edit tensor {key!r} has shape {tuple(value.shape)}, the model's is {have}; "
+                        "the edit was made for another model."
+                    )
+                target.copy_(value.float() * strength)
+        for p in ds.parameters():
+            p.requires_grad_(False)
+    except BaseException:
+        ds.detach()
+        raise
+    return ds

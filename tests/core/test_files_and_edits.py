@@ -63,3 +63,34 @@ def test_edit_round_trip_keys_and_metadata(tmp_path):
     back, meta = read_edit(p)
     assert meta["format"] == "concept_guard.diff/1" and meta["concept_guard.method"] == "esd-x"
     assert set(back) == set(deltas) and all(torch.equal(back[k], deltas[k]) for k in deltas)
+
+
+def test_attach_edit_reproduces_trained_model_and_detaches(sd1_backend):
+    from concept_guard.core.edits import attach_edit
+    from concept_guard.core.errors import ArchitectureMismatchError
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, sd1_backend.latent_channels, 8, 8, generator=g)
+    cond = sd1_backend.encode_text(["a red circle"])
+    t = torch.tensor([400])
+    with torch.no_grad():
+        base = sd1_backend.eps(x, t, cond)
+    name = next(n for n in sd1_backend.unet_module_names() if n.endswith("attn2.to_k"))
+    ds = sd1_backend.attach_deltas([name])
+    with torch.no_grad():
+        ds[name].weight.normal_(0, 0.05, generator=g)
+        trained = sd1_backend.eps(x, t, cond)
+    deltas = ds.state_dict_ldm()
+    ds.detach()
+    with attach_edit(sd1_backend, deltas, 1.0), torch.no_grad():
+        torch.testing.assert_close(sd1_backend.eps(x, t, cond), trained, rtol=0, atol=1e-6)
+    with attach_edit(sd1_backend, deltas, 0.0), torch.no_grad():
+        assert torch.equal(sd1_backend.eps(x, t, cond), base)
+    with torch.no_grad():
+        assert torch.equal(sd1_backend.eps(x, t, cond), base)
+    with pytest.raises(ArchitectureMismatchError, match="does not have"):
+        attach_edit(sd1_backend, {"input_blocks.99.1.proj_in.weight": torch.zeros(1)})
+    with pytest.raises(ArchitectureMismatchError, match="shape"):
+        attach_edit(sd1_backend, {f"{name}.weight": torch.zeros(1, 1)})
+    with torch.no_grad():
+        assert torch.equal(sd1_backend.eps(x, t, cond), base)
