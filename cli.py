@@ -23,7 +23,7 @@ _SUBCOMMAND_MODULES = (
     "concept_guard.core.methods.esd_cli",
     "concept_guard.core.methods.ti_cli",
     "concept_guard.core.edit_cli",
-    "concept_guard.core.smoke",
+    "concept_guard.core.demo",
 )
 
 
