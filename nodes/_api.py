@@ -1,0 +1,9 @@
+"""The one module that imports ComfyUI's node API.
+
+Every node module imports ``io``/``ui``/``ComfyExtension`` from here, so a change of ComfyUI's API
+version (``comfy_api.latest`` today) is a one-line edit.
+"""
+
+from comfy_api.latest import ComfyExtension, io, ui
+
+__all__ = ["ComfyExtension", "io", "ui"]
