@@ -23,3 +23,7 @@ class TrainingDivergedError(ConceptGuardError):
 
 class OutputPathError(ConceptGuardError):
     """An output path is unsafe (path separators, traversal), exists already, or is not writable."""
+
+
+class EditFileError(ConceptGuardError):
+    """An edit file is unreadable, unsafe (a pickle with code in it), or holds no UNet edit."""

@@ -1,0 +1,151 @@
+"""``concept-guard convert`` (edit formats and merged models) and ``concept-guard apply`` (merge for diffusers users)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from .edit_formats import LoadedEdit
+
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+TARGETS = ("diff", "lora", "diffusers", "checkpoint")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    c = sub.add_parser(
+        "convert",
+        help="convert an edit between .diff, low-rank LoRA and a merged model",
+        description="Read any accepted edit (our .diff, LoRAs, ESD/UCE weight files, full UNets or checkpoints; "
+        "recognised from content) and write it as a .diff edit, a kohya-named LoRA (SVD at --rank, printing the "
+        "relative approximation error), a merged diffusers pipeline folder or a merged single-file checkpoint.",
+    )
+    c.add_argument("--edit", required=True, help="the edit file to read")
+    c.add_argument("--to", required=True, choices=TARGETS, help="output kind")
+    c.add_argument("--out", required=True, help=".safetensors file (diff, lora, checkpoint) or folder (diffusers)")
+    c.add_argument("--model", default=None, help="base model (pipeline folder or checkpoint); needed for everything "
+                   "but .diff -> diff/lora with LDM names")
+    c.add_argument("--rank", type=int, default=32, help="LoRA rank for --to lora (default 32)")
+    c.add_argument("--lora-names", choices=("ldm", "diffusers"), default="ldm",
+                   help="module names in LoRA keys: ldm (ComfyUI, A1111, SDXL kohya) or diffusers (SD1/2 kohya)")
+    c.add_argument("--strength", type=float, default=1.0, help="edit strength for merged outputs (default 1)")
+    c.add_argument("--dtype", choices=sorted(DTYPES), default="float16", help="dtype of written .diff/LoRA tensors")
+    _common(c)
+    c.set_defaults(func=run_convert)
+
+    a = sub.add_parser(
+        "apply",
+        help="merge an edit into a model at a strength and write the merged model",
+        description="W + strength·ΔW for any accepted edit file; writes a diffusers pipeline folder (from a folder) "
+        "or a single-file .safetensors checkpoint (from a checkpoint) that ComfyUI's CheckpointLoaderSimple loads.",
+    )
+    a.add_argument("--model", required=True, help="base model: diffusers pipeline folder or .safetensors/.ckpt file")
+    a.add_argument("--edit", required=True, help="the edit file")
+    a.add_argument("--strength", type=float, default=1.0, help="edit strength, e.g. 0.5 for a half-strength erasure")
+    a.add_argument("--out", required=True, help="output folder, or .safetensors for a single-file checkpoint")
+    _common(a)
+    a.set_defaults(func=run_apply)
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--strict", action="store_true", help="fail if any key of the edit would not be applied")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
+def _read(args: argparse.Namespace):
+    """(LoadedEdit, BaseModel or None): with --model the edit is read for that UNet, else only .diff files."""
+    from .edit_convert import load_base_model
+    from .edit_files import read_tensor_file
+    from .edit_formats import read_edit_file
+    from .edits import file_keys_to_ldm_deltas
+    from .errors import ConceptGuardError
+
+    if args.model:
+        base = load_base_model(args.model)
+        return read_edit_file(args.edit, base.target, strict=args.strict), base
+    raw = read_tensor_file(args.edit)
+    try:
+        deltas = {k: v.float() for k, v in file_keys_to_ldm_deltas(raw.tensors).items()}
+    except ConceptGuardError as e:
+        raise ConceptGuardError(
+            f"{args.edit!r} is not a 'diffusion_model.<module>.diff' edit ({e}); pass `--model` so its names and "
+            "weights can be matched to a UNet."
+        ) from e
+    return LoadedEdit(deltas=deltas, source_format=f".diff patches (LDM names) [{raw.container}]",
+                      metadata=raw.metadata, path=str(args.edit)), None
+
+
+def _meta(edit: LoadedEdit, **extra: object) -> dict[str, object]:
+    carried = {k: v for k, v in edit.metadata.items() if k != "format"}
+    return {**carried, "concept_guard.converted_from": Path(edit.path).name,
+            "concept_guard.source_format": edit.source_format, **extra}
+
+
+def _check_out(args: argparse.Namespace, single_file: bool | None, what: str) -> Path:
+    """Fail before any loading: wrong suffix for the output kind, or an existing output without --overwrite."""
+    from .errors import OutputPathError
+
+    out = Path(args.out)
+    if single_file is not None and (out.suffix == ".safetensors") != single_file:
+        raise OutputPathError(
+            f"`--out` for {what} must {'' if single_file else 'not '}end in .safetensors, got {str(out)!r}."
+        )
+    if out.exists() and not args.overwrite:
+        raise OutputPathError(f"{str(out)!r} already exists; choose another `--out` or pass `--overwrite`.")
+    return out
+
+
+def run_convert(args: argparse.Namespace) -> int:
+    from .edit_convert import kohya_name, lora_from_deltas, write_merged
+    from .edits import save_edit
+    from .errors import ConceptGuardError
+    from .files import save_safetensors_atomic
+
+    out = _check_out(args, args.to != "diffusers", f"--to {args.to}")
+    if args.to in ("diffusers", "checkpoint") or args.lora_names == "diffusers":
+        if not args.model:
+            raise ConceptGuardError(f"--to {args.to} with --lora-names {args.lora_names} needs `--model` (the base model).")
+    edit, base = _read(args)
+    result: dict[str, object] = {"out": str(out), "format": edit.source_format, "applied": len(edit.deltas),
+                                 "ignored": len(edit.ignored)}
+    if args.to == "diff":
+        save_edit(edit.deltas, out, _meta(edit), dtype=DTYPES[args.dtype], overwrite=args.overwrite)
+    elif args.to == "lora":
+        name = kohya_name
+        if args.lora_names == "diffusers":
+            name = lambda m: kohya_name(base.target.diffusers_module(m))  # noqa: E731
+        export = lora_from_deltas(edit.deltas, rank=args.rank, name=name, dtype=DTYPES[args.dtype])
+        meta = _meta(edit, format="concept_guard.lora/1", **{"concept_guard.rank": args.rank,
+                     "concept_guard.relative_error": f"{export.relative_error:.6g}", "ss_network_dim": args.rank,
+                     "ss_network_module": "networks.lora"})
+        save_safetensors_atomic(export.tensors, out, meta, overwrite=args.overwrite)
+        result["relative_error"] = export.relative_error
+        if not args.json:
+            print(f"rank {args.rank}: relative approximation error ||D - D_r|| / ||D|| = {export.relative_error:.3e}")
+    else:
+        write_merged(base, edit.deltas, args.strength, out, _meta(edit), overwrite=args.overwrite)
+        result["strength"] = args.strength
+    _report(args, edit, result)
+    return 0
+
+
+def run_apply(args: argparse.Namespace) -> int:
+    from .edit_convert import write_merged
+
+    _check_out(args, None, "apply")
+    edit, base = _read(args)
+    out = write_merged(base, edit.deltas, args.strength, args.out, _meta(edit), overwrite=args.overwrite)
+    _report(args, edit, {"out": str(out), "format": edit.source_format, "applied": len(edit.deltas),
+                         "ignored": len(edit.ignored), "strength": args.strength})
+    return 0
+
+
+def _report(args: argparse.Namespace, edit: LoadedEdit, result: dict[str, object]) -> None:
+    if args.json:
+        print(json.dumps(result))
+        return
+    print(edit.summary(result.get("strength")))
+    print(f"Wrote {result['out']}")

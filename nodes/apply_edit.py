@@ -1,0 +1,58 @@
+"""Node "Apply Edited UNet": schema + one call into ``core.edit_formats`` (any edit file, with a strength dial)."""
+
+from __future__ import annotations
+
+import logging
+
+import folder_paths
+
+from ..core.edit_formats import read_edit_file
+from ..core.edit_target import TargetUNet
+from . import CATEGORY, NODE_CLASSES
+from ._api import io
+from .comfy_backend import UNET_PREFIX, make_patched_model
+
+logger = logging.getLogger(__name__)
+
+
+def unet_target(model) -> TargetUNet:
+    """The MODEL's UNet as edit readers see it, with its *unpatched* weights (a LoRA loaded in front of this
+    node changes the module's tensors in place while loaded; ComfyUI keeps the originals in ``backup``)."""
+    backup = getattr(model, "backup", {})
+    state = {}
+    for name, tensor in model.model.diffusion_model.state_dict().items():
+        saved = backup.get(UNET_PREFIX + name)
+        state[name] = saved.weight if saved is not None else tensor
+    return TargetUNet.from_ldm_state_dict(state)
+
+
+class ApplyEditedUNet(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="ConceptGuardApplyEditedUNet",
+            display_name="Apply Edited UNet",
+            category=CATEGORY,
+            description="Apply a weight edit to the UNet as W + strength·ΔW. Reads our .diff edits, LoRAs (kohya, "
+            "diffusers/peft), ESD and UCE weight files and full UNets/checkpoints (their difference from this model), "
+            "recognised from content. The input MODEL is untouched.",
+            inputs=[
+                io.Model.Input("model"),
+                io.Combo.Input("edit", options=folder_paths.get_filename_list("loras"),
+                               tooltip="An edit file in models/loras (our edits are in models/loras/concept_guard/)."),
+                io.Float.Input("strength", default=1.0, min=-2.0, max=2.0, step=0.05,
+                               tooltip="0 = the base model, 1 = the edit as trained, negative values invert it."),
+            ],
+            outputs=[io.Model.Output(display_name="MODEL"), io.String.Output(display_name="report")],
+        )
+
+    @classmethod
+    def execute(cls, model, edit: str, strength: float) -> io.NodeOutput:
+        path = folder_paths.get_full_path_or_raise("loras", edit)
+        loaded = read_edit_file(path, unet_target(model))
+        report = loaded.summary(strength)
+        logger.info("Apply Edited UNet:\n%s", report)
+        return io.NodeOutput(make_patched_model(model, loaded.deltas, strength), report)
+
+
+NODE_CLASSES.append(ApplyEditedUNet)
