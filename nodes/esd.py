@@ -41,6 +41,9 @@ class EraseConceptESD(io.ComfyNode):
                 io.Float.Input("guidance", default=_D.guidance, min=0.0, max=30.0, step=0.5, optional=True,
                                tooltip="CFG scale used to sample the x_t the edit trains on."),
                 io.Int.Input("sampling_steps", default=_D.sampling_steps, min=2, max=1000, optional=True),
+                io.Int.Input("resolution", default=0, min=0, max=4096, step=8, optional=True,
+                             tooltip="Image side (px, latent = px/8) of the x_t trajectories; 0 = the model's native "
+                             "size (512 for SD1.x/2.x, 1024 for SDXL)."),
             ],
             outputs=[io.Model.Output(display_name="MODEL"), io.String.Output(display_name="path")],
             hidden=[io.Hidden.unique_id],
@@ -55,13 +58,15 @@ class EraseConceptESD(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, concepts: str, method: str, anchor: str, eta: float, iterations: int, lr: float,
                 seed: int, file_name: str, overwrite: bool = False, guidance: float = _D.guidance,
-                sampling_steps: int = _D.sampling_steps) -> io.NodeOutput:
+                sampling_steps: int = _D.sampling_steps, resolution: int = 0) -> io.NodeOutput:
         cfg = ESDConfig(concepts=concepts, method=method, anchor=anchor or None, eta=eta, iterations=iterations,
-                        lr=lr, seed=seed, guidance=guidance, sampling_steps=sampling_steps)
+                        lr=lr, seed=seed, guidance=guidance, sampling_steps=sampling_steps,
+                        latent_size=resolution // 8 if resolution else None)
         path = edit_output_path(file_name, overwrite=overwrite)
         backend = ComfyBackend(model, clip)
         with backend.training():
-            result = train(cfg, backend, on_step=progress_callback(cfg.iterations, cls.hidden.unique_id))
+            node_id = cls.hidden.unique_id if cls.hidden is not None else None  # None when called outside a graph
+            result = train(cfg, backend, on_step=progress_callback(cfg.iterations, node_id))
         if not result.tensors:
             raise ConceptGuardError("ESD produced no deltas; nothing was applied or written.")
         # The MODEL gets exactly what the file holds (fp16 deltas), so applying the file reproduces it.
