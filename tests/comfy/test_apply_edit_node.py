@@ -221,3 +221,46 @@ def test_edit_on_tiny_sdxl(loras):
 def test_missing_file_is_a_clear_error(loras, tiny_model):
     with pytest.raises(FileNotFoundError, match="'loras' with filename 'gone.safetensors' not found"):
         _apply(tiny_model, "gone.safetensors", 1.0)
+
+
+def test_merged_single_file_loads_in_stock_checkpoint_loader(tmp_path, monkeypatch, loras, stock_nodes):
+    """``concept-guard apply`` on a single file -> stock CheckpointLoaderSimple loads it, and its eps equal the
+    base checkpoint (same loader) + our node at the same strength. ComfyUI detects SD1.5 from 320 channels and
+    768-wide text, so this UNet has the real widths (one level, ~26M parameters); the checkpoint holds only
+    the UNet (ComfyUI then warns that there is no VAE/CLIP: those tensors would be copied as they are)."""
+    from concept_guard.cli import main as cli_main
+    from concept_guard.core.keymap import UNetKeyMap, diffusers_to_ldm_state_dict
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(block_out_channels=(320,), layers_per_block=1, cross_attention_dim=768,
+                                attention_head_dim=8, down_block_types=("CrossAttnDownBlock2D",),
+                                up_block_types=("CrossAttnUpBlock2D",))
+    checkpoints = tmp_path / "checkpoints"
+    checkpoints.mkdir()
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "checkpoints",
+                        ([str(checkpoints)], folder_paths.supported_pt_extensions))
+    state = diffusers_to_ldm_state_dict(unet.state_dict(), UNetKeyMap(unet.config), prefix="model.diffusion_model.")
+    save_file({k: v.contiguous() for k, v in state.items()}, checkpoints / "base.safetensors")
+    del unet, state
+    g = torch.Generator().manual_seed(5)
+    deltas = {f"{TO_K}.weight": torch.randn(320, 768, generator=g) * 0.02,
+              f"{CONV3}.weight": torch.randn(320, 320, 3, 3, generator=g) * 0.02}
+    edit = save_edit(deltas, loras / "concept_guard" / "e.safetensors", {}, dtype=torch.float32)
+    assert cli_main(["apply", "--model", str(checkpoints / "base.safetensors"), "--edit", str(edit), "--strength", "0.75",
+                     "--out", str(checkpoints / "merged.safetensors")]) == 0
+
+    loader = stock_nodes.CheckpointLoaderSimple()
+    base = loader.load_checkpoint("base.safetensors")[0]
+    merged = loader.load_checkpoint("merged.safetensors")[0]
+    assert type(merged.model.model_config).__name__ == "SD15"
+    via_node, _ = _apply(base, "concept_guard/e.safetensors", 0.75)
+    g = torch.Generator().manual_seed(9)
+    x, ctx = torch.randn(1, 4, 8, 8, generator=g), Conditioning(context=torch.randn(1, 77, 768, generator=g))
+
+    def eps(model):
+        return ComfyBackend(model).eps(x, torch.tensor([400]), ctx)
+
+    eps_merged = eps(merged)
+    torch.testing.assert_close(eps_merged, eps(via_node), rtol=0, atol=1e-5)
+    assert (eps_merged - eps(base)).abs().max() > 1e-3
