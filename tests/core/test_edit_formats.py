@@ -189,6 +189,14 @@ def _full_ldm_checkpoint(tmp, target, backend):
     return tmp / "model.safetensors", deltas
 
 
+def _full_ldm_unet(tmp, target, backend):
+    """A UNet-only file with bare LDM keys, as ComfyUI's "Load Diffusion Model" reads (fp16)."""
+    deltas = _random_deltas(target, ALL_MODULES)
+    tensors = {k: (w + deltas.get(k, 0)).half() for k, w in target.weights.items()}
+    save_file(tensors, tmp / "unet_ldm.safetensors")
+    return tmp / "unet_ldm.safetensors", {k: tensors[k].float() - target.weights[k] for k in deltas}
+
+
 FORMATS = {
     "concept_guard_diff": (_ours, "Concept Guard .diff"),
     "comfy_diff_kohya_names": (_comfy_diff_kohya_names, "ComfyUI .diff"),
@@ -202,6 +210,7 @@ FORMATS = {
     "compvis_ckpt_state_dict": (lambda *a: _compvis(*a, nested=True), "full LDM checkpoint"),
     "full_diffusers_unet": (_full_diffusers_unet, "full UNet state dict"),
     "full_ldm_checkpoint": (_full_ldm_checkpoint, "full LDM checkpoint"),
+    "full_ldm_unet_fp16": (_full_ldm_unet, "full UNet state dict (LDM names)"),
 }
 
 
