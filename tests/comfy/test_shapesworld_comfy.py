@@ -1,0 +1,118 @@
+"""ShapesWorld converted to ComfyUI objects behaves like the diffusers folder it came from (issue 4).
+
+Tokens, text conditioning, eps, the schedule and the VAE agree between our ComfyBackend on the converted
+MODEL/CLIP/VAE and our DiffusersBackend on the folder, and the ESD node on the converted model makes the
+same edit as ESD on the diffusers model.
+"""
+
+from __future__ import annotations
+
+import comfy.supported_models
+import folder_paths
+import pytest
+import torch
+from concept_guard.core.backends.diffusers_backend import DiffusersBackend
+from concept_guard.core.edits import read_edit
+from concept_guard.core.methods.esd import ESDConfig, train
+from concept_guard.nodes.comfy_backend import ComfyBackend
+from concept_guard.nodes.esd import EraseConceptESD
+from shapesworld_comfy import MODEL_ENV, load_shapesworld_comfy, shapesworld_folder
+
+FOLDER = shapesworld_folder()
+if FOLDER is None:
+    pytest.skip(
+        "No ShapesWorld model weights yet (core/shapesworld/assets/model/ has no unet/vae/text_encoder "
+        f"safetensors); train it, or point {MODEL_ENV} at a pipeline folder such as runs/shapesworld/latest_model.",
+        allow_module_level=True,
+    )
+
+PROMPTS = ["a red circle", "", "an outlined blue square on a black background", "A Crimson DISC, burning!",
+           "a photo of a star on fire"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def converted():
+    return load_shapesworld_comfy(FOLDER)
+
+
+@pytest.fixture(scope="module")
+def comfy_backend(converted):
+    return ComfyBackend(converted.model, converted.clip, converted.vae)
+
+
+@pytest.fixture(scope="module")
+def diffusers_backend():
+    return DiffusersBackend.load(FOLDER)
+
+
+def test_converted_parts_are_comfyuis_sd15_classes_at_shapesworld_size(converted, comfy_backend, diffusers_backend):
+    base = converted.model.model
+    assert isinstance(base.model_config, comfy.supported_models.SD15)
+    unet = base.model_config.unet_config
+    assert (unet["model_channels"], unet["context_dim"], unet["channel_mult"]) == (64, 128, [1, 2])
+    assert base.latent_format.scale_factor == pytest.approx(diffusers_backend.vae.config.scaling_factor)
+    assert all(p.is_inference() for p in base.parameters())  # like a loader node's MODEL
+    text = converted.clip.cond_stage_model.clip_l.transformer
+    assert text.num_layers == 3 and text.text_model.embeddings.token_embedding.weight.shape == (49408, 128)
+    assert (comfy_backend.arch, comfy_backend.prediction_type) == ("sd1", "epsilon")
+    assert comfy_backend.vae_scale_factor == diffusers_backend.vae_scale_factor == 4
+    assert comfy_backend.fingerprint == diffusers_backend.fingerprint  # same weights, same hash
+    torch.testing.assert_close(comfy_backend.alphas_cumprod, diffusers_backend.alphas_cumprod.cpu().float(),
+                               rtol=0, atol=1e-6)  # fmt: skip
+
+
+def test_comfyui_tokenizer_gives_our_token_ids(converted, diffusers_backend):
+    ours = diffusers_backend.tokenizers[0]
+    for prompt in PROMPTS:
+        comfy_ids = [token for token, _weight in converted.clip.tokenize(prompt)["l"][0]]
+        expected = ours(prompt, padding="max_length", max_length=77, truncation=True).input_ids
+        assert comfy_ids == expected, prompt
+
+
+def test_text_conditioning_is_equal(comfy_backend, diffusers_backend):
+    with torch.no_grad():
+        comfy_cond, ours = comfy_backend.encode_text(PROMPTS), diffusers_backend.encode_text(PROMPTS)
+    assert comfy_cond.context.shape == ours.context.shape == (len(PROMPTS), 77, 128)
+    torch.testing.assert_close(comfy_cond.context, ours.context, rtol=0, atol=1e-5)
+
+
+def test_eps_is_equal_on_the_same_x_t_t_and_prompt(comfy_backend, diffusers_backend):
+    x_t = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([0, 250, 600, 999])
+    with torch.no_grad():
+        cond = diffusers_backend.encode_text(["a red circle", "", "a blue star", "a green heart"])
+        ours = diffusers_backend.eps(x_t, t, cond)
+        comfy_same_cond = comfy_backend.eps(x_t, t, cond)
+        comfy_own_cond = comfy_backend.eps(x_t, t, comfy_backend.encode_text(["a red circle", "", "a blue star",
+                                                                             "a green heart"]))  # fmt: skip
+    assert ours.abs().mean() > 0.1  # a real prediction, not zeros
+    torch.testing.assert_close(comfy_same_cond, ours, rtol=0, atol=1e-4)
+    torch.testing.assert_close(comfy_own_cond, ours, rtol=0, atol=1e-4)
+
+
+def test_vae_decode_and_encode_are_equal(comfy_backend, diffusers_backend):
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        decoded = comfy_backend.vae_decode(latents)
+        torch.testing.assert_close(decoded, diffusers_backend.vae_decode(latents), rtol=0, atol=1e-4)
+        torch.testing.assert_close(comfy_backend.vae_encode(images), diffusers_backend.vae_encode(images),
+                                   rtol=0, atol=1e-4)  # fmt: skip
+    assert decoded.shape == (2, 3, 32, 32) and decoded.std() > 0.01
+
+
+def test_esd_node_on_the_converted_model_makes_the_diffusers_edit(converted, diffusers_backend, tmp_path, monkeypatch):
+    """Same seed and settings: the node in ComfyUI and ESD on the diffusers folder train the same deltas."""
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "loras", ([str(tmp_path)], folder_paths.supported_pt_extensions))
+    settings = dict(concepts="circle", eta=2.0, iterations=5, lr=1e-4, seed=3, guidance=3.0, sampling_steps=4)
+    node = EraseConceptESD.PREPARE_CLASS_CLONE({"unique_id": "1"})
+    with torch.inference_mode():
+        node.execute(model=converted.model, clip=converted.clip, method="esd-x", anchor="", file_name="sw_circle",
+                     resolution=32 // 4 * 8, **settings)  # 32-px ShapesWorld images = 8×8 latents  # fmt: skip
+    deltas, meta = read_edit(tmp_path / "concept_guard" / "sw_circle.safetensors")
+    expected = train(ESDConfig(**settings, latent_size=8), diffusers_backend)
+    assert meta["concept_guard.base_fingerprint"] == expected.metadata["concept_guard.base_fingerprint"]
+    assert set(deltas) == set(expected.tensors)
+    assert max(v.abs().max() for v in expected.tensors.values()) > 1e-4
+    for key, value in expected.tensors.items():  # the file is fp16: allow its rounding on top
+        torch.testing.assert_close(deltas[key], value, rtol=2e-3, atol=1e-5, msg=key)
