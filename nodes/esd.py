@@ -35,7 +35,9 @@ class EraseConceptESD(io.ComfyNode):
                                tooltip="Negative guidance (concept-anchored form: 2.0 equals the paper's 1.0)."),
                 io.Int.Input("iterations", default=_D.iterations, min=1, max=100000),
                 io.Float.Input("lr", default=_D.lr, min=1e-7, max=1e-2, step=1e-6, round=1e-8),
-                io.Int.Input("seed", default=_D.seed, min=0, max=2**31 - 1),
+                io.Int.Input("seed", default=_D.seed, min=0, max=2**31 - 1, control_after_generate=False,
+                             tooltip="Seeds the x_t samples and the training order; an unchanged graph reuses the "
+                             "cached edit instead of retraining."),
                 io.String.Input("file_name", default="", tooltip="Save as models/loras/concept_guard/<name>.safetensors; empty = don't save."),
                 io.Boolean.Input("overwrite", default=False, optional=True, tooltip="Replace an existing file of that name."),
                 io.Float.Input("guidance", default=_D.guidance, min=0.0, max=30.0, step=0.5, optional=True,

@@ -278,7 +278,7 @@ def comfy_server(tmp_path_factory):
     (base / "custom_nodes").mkdir()
     (base / "custom_nodes" / PACK_NAME).symlink_to(REPO_ROOT, target_is_directory=True)
     port = _free_port()
-    env = dict(os.environ, PYTHONPYCACHEPREFIX=str(PYCACHE), PYTHONUNBUFFERED="1")
+    env = dict(os.environ, PYTHONPYCACHEPREFIX=str(PYCACHE), PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")  # 2 shared cores
     if NEED_TORCHVISION_STUB:
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(STUBS), env.get("PYTHONPATH", "")) if p)
     cmd = [sys.executable, str(COMFY_ROOT / "main.py"), "--cpu", "--listen", "127.0.0.1", "--port", str(port),

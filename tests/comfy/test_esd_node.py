@@ -2,8 +2,8 @@
 
 Every run uses a tiny budget (3 iterations, 2 DDIM steps, 8×8 latents) so each test takes seconds; the
 ComfyUI ``loras`` folder points into a temp dir, so nothing is written to the ComfyUI tree. The tiny
-models are re-initialised at fan-in scale: with the harness's 0.02-scale weights the text barely moves
-eps (ESD loss ~1e-15, deltas that round to 0 in fp16), which would make "the edit changes eps" vacuous.
+models are re-initialised at fan-in scale (``tiny_checkpoint.lively_``): with the harness's 0.02-scale
+weights the text barely moves eps, which would make "the edit changes eps" vacuous.
 """
 
 from __future__ import annotations
@@ -26,26 +26,12 @@ from concept_guard.nodes import esd as esd_node
 from concept_guard.nodes.comfy_backend import ComfyBackend, make_patched_model
 from concept_guard.nodes.esd import EraseConceptESD
 from safetensors import safe_open
+from tiny_checkpoint import lively_
 
 import nodes  # ComfyUI's nodes.py (KSampler, LoraLoaderModelOnly ...), not our nodes/ package
 
 FAST = dict(method="esd-x", anchor="", eta=2.0, iterations=3, lr=1e-2, seed=0, file_name="", overwrite=False,
             guidance=3.0, sampling_steps=2, resolution=64)
-
-
-def lively_(module: torch.nn.Module, seed: int) -> None:
-    """Default-init-like random weights (std 1/sqrt(fan_in), norms near 1), so prompts matter."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.inference_mode(), torch.no_grad():
-        for m in module.modules():
-            for name, p in m.named_parameters(recurse=False):
-                if p.dim() >= 2:
-                    value = torch.randn(p.shape, generator=gen) / p[0].numel() ** 0.5
-                elif name == "weight" and isinstance(m, (torch.nn.GroupNorm, torch.nn.LayerNorm)):
-                    value = 1 + 0.1 * torch.randn(p.shape, generator=gen)
-                else:
-                    value = 0.1 * torch.randn(p.shape, generator=gen)
-                p.copy_(value.to(p.dtype))
 
 
 @pytest.fixture
@@ -114,6 +100,8 @@ def test_schema_validates_with_display_name_and_category():
     assert [o.io_type for o in schema.outputs] == ["MODEL", "STRING"]
     info = EraseConceptESD.INPUT_TYPES()  # the V1 view ComfyUI serves in /object_info
     assert "esd-x" in info["required"]["method"][1]["options"] and "resolution" in info["optional"]
+    # No "control after generate" widget: the frontend would otherwise re-seed (= retrain) on every queue.
+    assert info["required"]["seed"][1]["control_after_generate"] is False
 
 
 def test_output_model_is_edited_chains_into_ksampler_and_input_is_bit_identical(model, clip, loras_dir):

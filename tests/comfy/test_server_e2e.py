@@ -1,0 +1,152 @@
+"""A real headless ComfyUI runs the shipped example workflows end to end through ``/prompt`` and ``/history``.
+
+The checkpoint is a tiny random SD1.5 that ComfyUI's CheckpointLoaderSimple auto-detects, written into the
+server's temp ``models/checkpoints/`` at test time. The workflows are the UI files users drag in,
+converted like the frontend does; only sizes and step counts are shrunk.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from safetensors import safe_open
+from tiny_checkpoint import write_tiny_sd15_checkpoint
+from workflows import EXAMPLES, load_workflow, node_ids, set_inputs, ui_to_api
+
+ESD = "ConceptGuardEraseESD"
+CKPT = "tiny_sd15.safetensors"
+TINY_ESD = dict(iterations=3, sampling_steps=2, resolution=64, lr=1e-3)  # 8x8 latents
+TINY_SAMPLING = {"KSampler": dict(steps=2), "EmptyLatentImage": dict(width=64, height=64)}
+EXAMPLE_FILES = sorted(p.name for p in EXAMPLES.glob("*.json"))
+
+
+@pytest.fixture(scope="module")
+def checkpoint(comfy_server) -> str:
+    folder = comfy_server.base_dir / "models" / "checkpoints"
+    folder.mkdir(parents=True, exist_ok=True)
+    write_tiny_sd15_checkpoint(folder / CKPT)
+    return CKPT
+
+
+@pytest.fixture(scope="module")
+def object_info(comfy_server) -> dict:
+    return comfy_server.get_json("/object_info")
+
+
+def tiny_prompt(name: str, object_info: dict, *, unmute: bool = False, **esd) -> dict:
+    prompt = ui_to_api(load_workflow(name), object_info, unmute=unmute)
+    set_inputs(prompt, "CheckpointLoaderSimple", ckpt_name=CKPT)
+    set_inputs(prompt, ESD, **{**TINY_ESD, **esd})
+    for class_type, values in TINY_SAMPLING.items():
+        if node_ids(prompt, class_type):
+            set_inputs(prompt, class_type, **values)
+    return prompt
+
+
+def queue(server, prompt: dict, timeout: float = 240) -> dict:
+    """POST the prompt, wait for its ``/history`` entry and return it."""
+    body = json.dumps({"prompt": prompt, "client_id": uuid.uuid4().hex}).encode()
+    request = urllib.request.Request(server.url + "/prompt", data=body, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        queued = json.loads(response.read())
+    assert queued["node_errors"] == {}, queued
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        history = server.get_json(f"/history/{queued['prompt_id']}")
+        if queued["prompt_id"] in history:
+            return history[queued["prompt_id"]]
+        time.sleep(0.5)
+    raise TimeoutError(f"prompt {queued['prompt_id']} did not finish within {timeout:.0f} s")
+
+
+def messages(entry: dict, kind: str) -> list[dict]:
+    return [data for name, data in entry["status"]["messages"] if name == kind]
+
+
+def preview_images(server, entry: dict, node_id: str) -> list[Path]:
+    images = entry["outputs"][node_id]["images"]
+    return [server.base_dir / image["type"] / image["subfolder"] / image["filename"] for image in images]
+
+
+def edit_files(server) -> list[Path]:
+    return sorted((server.base_dir / "models" / "loras").rglob("*.safetensors"))
+
+
+@pytest.mark.parametrize("name", EXAMPLE_FILES)
+def test_example_is_a_consistent_ui_graph(name):
+    workflow = load_workflow(name)
+    nodes = {n["id"]: n for n in workflow["nodes"]}
+    assert workflow["last_node_id"] >= max(nodes) and workflow["last_link_id"] >= len(workflow["links"])
+    assert any(n["type"] == ESD for n in nodes.values())
+    for link_id, src, slot, dst, dst_slot, kind in workflow["links"]:
+        output, target = nodes[src]["outputs"][slot], nodes[dst]["inputs"][dst_slot]
+        assert link_id in output["links"] and target["link"] == link_id, link_id
+        assert output["type"] == kind and target["type"] in (kind, "*"), link_id
+    for node in nodes.values():
+        for inp in node.get("inputs", []):
+            assert inp["link"] is None or any(link[0] == inp["link"] for link in workflow["links"])
+
+
+def test_erase_then_sample_workflow(comfy_server, checkpoint, object_info):
+    prompt = tiny_prompt("esd_erase_and_sample.json", object_info)
+    assert {n["class_type"] for n in prompt.values()} >= {"CheckpointLoaderSimple", ESD, "KSampler", "PreviewImage"}
+    (sampler,) = node_ids(prompt, "KSampler")
+    (esd,) = node_ids(prompt, ESD)
+    assert prompt[sampler]["inputs"]["model"] == [esd, 0]  # the erased MODEL feeds the sampler
+    files_before = edit_files(comfy_server)
+
+    entry = queue(comfy_server, prompt)
+    assert entry["status"]["status_str"] == "success" and entry["status"]["completed"], entry["status"]
+    (preview,) = node_ids(prompt, "PreviewImage")
+    (image,) = preview_images(comfy_server, entry, preview)
+    with Image.open(image) as im:
+        assert im.size == (64, 64)
+    assert edit_files(comfy_server) == files_before  # empty file_name: nothing saved
+
+
+def test_erase_and_save_workflow_then_the_stock_lora_loader(comfy_server, checkpoint, object_info):
+    workflow = "esd_erase_and_save.json"
+    first = tiny_prompt(workflow, object_info)
+    assert not node_ids(first, "LoraLoaderModelOnly")  # group 2 ships muted: step 1 only trains and saves
+    (esd,) = node_ids(first, ESD)
+    expected = comfy_server.base_dir / "models" / "loras" / "concept_guard" / "no_van_gogh.safetensors"
+
+    entry = queue(comfy_server, first)
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    (shown,) = node_ids(first, "PreviewAny")
+    assert entry["outputs"][shown]["text"] == [str(expected)]
+    with safe_open(str(expected), framework="pt") as f:
+        keys, meta = list(f.keys()), f.metadata()
+    assert keys and all(k.startswith("diffusion_model.") and k.endswith((".diff", ".diff_b")) for k in keys)
+    assert all(".attn2." in k for k in keys)
+    assert (meta["concept_guard.method"], meta["concept_guard.concepts"], meta["concept_guard.iterations"]) == (
+        "esd-x", "Van Gogh", "3",
+    )  # fmt: skip
+    saved_at = expected.stat().st_mtime_ns
+
+    # Step 2: the user refreshes, unmutes group 2 and queues again; the loader lists and applies the file.
+    loras = comfy_server.get_json("/object_info/LoraLoaderModelOnly")["LoraLoaderModelOnly"]
+    assert "concept_guard/no_van_gogh.safetensors" in loras["input"]["required"]["lora_name"][0]
+    second = tiny_prompt(workflow, object_info, unmute=True)
+    (loader,) = node_ids(second, "LoraLoaderModelOnly")
+    assert second[loader]["inputs"]["lora_name"] == "concept_guard/no_van_gogh.safetensors"
+    entry = queue(comfy_server, second)
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    assert any(esd in m["nodes"] for m in messages(entry, "execution_cached"))  # no retraining
+    assert expected.stat().st_mtime_ns == saved_at
+    (preview,) = node_ids(second, "PreviewImage")
+    assert preview_images(comfy_server, entry, preview)[0].is_file()
+    assert "lora key not loaded" not in comfy_server.log()  # every key of the file was applied
+
+    # Changing a setting retrains, and the existing file is refused with a clear message, not overwritten.
+    entry = queue(comfy_server, tiny_prompt(workflow, object_info, seed=1))
+    assert entry["status"]["status_str"] == "error"
+    (error,) = messages(entry, "execution_error")
+    assert error["node_id"] == esd and "already exists" in error["exception_message"]
+    assert expected.stat().st_mtime_ns == saved_at
