@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 from pathlib import Path
@@ -75,8 +76,17 @@ def _run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     backend = DiffusersBackend.load(args.model, device=args.device)
-    report = evaluate(backend, prompts, cfg, judge=load_judge(args.judge), model_name=str(args.model),
-                      keep_images=grid is not None)  # fmt: skip
+    with contextlib.ExitStack() as stack:
+        if args.edit:
+            from .edit_formats import read_edit_file
+            from .edit_target import TargetUNet
+            from .edits import attach_edit
+
+            loaded = read_edit_file(args.edit, TargetUNet.from_backend(backend))
+            logger.info("applying %s (%s) at strength %s", args.edit, loaded.source_format, args.strength)
+            stack.enter_context(attach_edit(backend, loaded.deltas, args.strength))
+        report = evaluate(backend, prompts, cfg, judge=load_judge(args.judge), model_name=str(args.model),
+                          edit=args.edit, keep_images=grid is not None)  # fmt: skip
     images = report.pop("_images", None)
     if grid is not None:
         write_grid(grid, prompts, images)
@@ -102,6 +112,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="prompt i uses seed SEED+i (default 0)")
     p.add_argument("--steps", type=int, default=20, help="DDIM steps (default 20)")
     p.add_argument("--guidance", type=float, default=5.0, help="CFG scale (default 5)")
+    p.add_argument("--edit", default=None, help="a weight edit to apply first (any format `concept-guard apply` reads)")
+    p.add_argument("--strength", type=float, default=1.0, help="strength of --edit (default 1)")
     p.add_argument("--grid", help="write a labelled PNG grid (one row per prompt) to this file")
     p.add_argument("--judge", default=None, help="judge file (default: the committed ShapesWorld judge)")
     p.add_argument("--device", default="cpu")
