@@ -1,11 +1,14 @@
 """ShapesWorld converted to ComfyUI objects behaves like the diffusers folder it came from (issue 4).
 
 Tokens, text conditioning, eps, the schedule and the VAE agree between our ComfyBackend on the converted
-MODEL/CLIP/VAE and our DiffusersBackend on the folder, and the ESD node on the converted model makes the
-same edit as ESD on the diffusers model.
+MODEL/CLIP/VAE and our DiffusersBackend on the folder; ComfyUI's stock CLIPTextEncode -> KSampler ->
+VAEDecode graph draws what the judge expects; and the ESD node on the converted model makes the same edit
+as ESD on the diffusers model.
 """
 
 from __future__ import annotations
+
+from collections import Counter
 
 import comfy.supported_models
 import folder_paths
@@ -14,9 +17,12 @@ import torch
 from concept_guard.core.backends.diffusers_backend import DiffusersBackend
 from concept_guard.core.edits import read_edit
 from concept_guard.core.methods.esd import ESDConfig, train
+from concept_guard.core.shapesworld.judge import load_judge
 from concept_guard.nodes.comfy_backend import ComfyBackend
 from concept_guard.nodes.esd import EraseConceptESD
 from shapesworld_comfy import MODEL_ENV, load_shapesworld_comfy, shapesworld_folder
+
+import nodes  # ComfyUI's nodes.py
 
 FOLDER = shapesworld_folder()
 if FOLDER is None:
@@ -99,6 +105,25 @@ def test_vae_decode_and_encode_are_equal(comfy_backend, diffusers_backend):
         torch.testing.assert_close(comfy_backend.vae_encode(images), diffusers_backend.vae_encode(images),
                                    rtol=0, atol=1e-4)  # fmt: skip
     assert decoded.shape == (2, 3, 32, 32) and decoded.std() > 0.01
+
+
+def test_stock_comfyui_graph_draws_the_prompted_shapes(converted):
+    """CLIPTextEncode -> KSampler (ddim) -> VAEDecode on the converted model, judged (loose: 8 samples each)."""
+    judge, shape_hits, colour_hits = load_judge(), 0, 0
+    prompts = [("red", "circle"), ("blue", "square"), ("green", "triangle"), ("yellow", "star")]
+    with torch.inference_mode():
+        (negative,) = nodes.CLIPTextEncode().encode(converted.clip, "")
+        (latent,) = nodes.EmptyLatentImage().generate(64, 64, 8)  # 8x8 latents = 32-px images
+        for colour, shape in prompts:
+            (positive,) = nodes.CLIPTextEncode().encode(converted.clip, f"a {colour} {shape}")
+            (samples,) = nodes.KSampler().sample(converted.model, 7, 20, 5.0, "ddim", "ddim_uniform", positive,
+                                                 negative, latent)  # fmt: skip
+            (images,) = nodes.VAEDecode().decode(converted.vae, samples)
+            labels = judge.classify(images.movedim(-1, 1).clone())
+            shape_hits += Counter(labels["shape"])[shape]
+            colour_hits += Counter(labels["colour"])[colour]
+    assert images.shape == (8, 32, 32, 3)
+    assert shape_hits / 32 >= 0.7 and colour_hits / 32 >= 0.7, (shape_hits, colour_hits)
 
 
 def test_esd_node_on_the_converted_model_makes_the_diffusers_edit(converted, diffusers_backend, tmp_path, monkeypatch):
