@@ -24,6 +24,7 @@ from .seeding import make_generator
 logger = logging.getLogger(__name__)
 
 #: ``on_step(step, total, loss)`` — called after every optimiser step; may raise to interrupt.
+#: Methods may also call it with ``step == 0`` (and ``loss`` NaN) while preparing data.
 StepCallback = Callable[[int, int, float], None]
 
 

@@ -44,6 +44,8 @@ def progress_callback(total: int, node_id: str | None = None) -> StepCallback:
     def on_step(step: int, steps: int, loss: float) -> None:
         comfy.model_management.throw_exception_if_processing_interrupted()
         bar.update_absolute(step, steps)
+        if step == 0:  # still sampling the frozen model's trajectories: no loss yet
+            return
         _send({"node": node_id, "step": step, "total": steps, "loss": loss})
 
     return on_step

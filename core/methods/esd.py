@@ -137,10 +137,14 @@ def esd_targets(eps_anchor: torch.Tensor, eps_concept: torch.Tensor, eps_null: t
     return eps_anchor.float() - eta * (eps_concept.float() - eps_null.float())
 
 
-def build_bank(backend: DiffusionBackend, cfg: ESDConfig, *, chunk: int = 32) -> TrajectoryBank:
+def build_bank(
+    backend: DiffusionBackend, cfg: ESDConfig, *, chunk: int = 32, on_progress: Callable[[], None] | None = None
+) -> TrajectoryBank:
     """Sample the frozen model's trajectories for every concept and precompute their targets.
 
     Must be called while every delta is off (inside ``deltas.teacher()``) or before deltas exist.
+    ``on_progress`` is called after each sampled concept and each batch of targets; it may raise to
+    interrupt (nothing has been attached or written yet).
     """
     gen = make_generator(cfg.seed)
     null = backend.encode_text([""])
@@ -153,6 +157,8 @@ def build_bank(backend: DiffusionBackend, cfg: ESDConfig, *, chunk: int = 32) ->
             backend, cond, null, batch=cfg.bank_trajectories, steps=cfg.sampling_steps,
             guidance=cfg.guidance, generator=gen, latent_size=cfg.latent_size,
         )  # traj: [S, B, C, h, w]; steps: [S] timesteps at which each x_t is evaluated
+        if on_progress:
+            on_progress()
         x = traj.flatten(0, 1)
         t = steps.repeat_interleave(traj.shape[1])
         for s in range(0, x.shape[0], chunk):
@@ -167,6 +173,8 @@ def build_bank(backend: DiffusionBackend, cfg: ESDConfig, *, chunk: int = 32) ->
                 e_c, e_0 = backend.eps(xb.repeat(2, 1, 1, 1), tb.repeat(2), all_cond).chunk(2)
                 e_a = e_c
             targets.append(esd_targets(e_a, e_c, e_0, cfg.eta).cpu())
+            if on_progress:
+                on_progress()
         xs.append(x.cpu())
         ts.append(t.cpu())
         idx.append(torch.full((x.shape[0],), ci, dtype=torch.long))
@@ -205,7 +213,9 @@ def train(
     setup_start = time.perf_counter()
     if on_phase:
         on_phase("sampling the frozen model's trajectories")
-    bank = build_bank(backend, cfg)
+    # step 0 of the progress callback = still preparing (lets hosts check for interrupts)
+    tick = (lambda: on_step(0, cfg.iterations, float("nan"))) if on_step else None
+    bank = build_bank(backend, cfg, on_progress=tick)
     setup_seconds = time.perf_counter() - setup_start
     logger.info(
         "ESD %s on %d modules: bank of %d x_t samples built in %.1fs", cfg.method, len(names), len(bank), setup_seconds

@@ -75,7 +75,7 @@ def test_train_esd_x_changes_only_attn2_and_leaves_model_untouched(sd1_backend):
     before_eps, before_w = _probe(sd1_backend), _state_hash(sd1_backend.unet)
     seen = []
     r = train(ESDConfig(concepts=("circle", "square"), **FAST), sd1_backend, on_step=lambda s, n, loss: seen.append(s))
-    assert seen == [1, 2, 3, 4] and len(r.losses) == 4 and all(torch.isfinite(torch.tensor(r.losses)))
+    assert seen[-4:] == [1, 2, 3, 4] and set(seen[:-4]) == {0} and len(seen) > 4 and len(r.losses) == 4 and all(torch.isfinite(torch.tensor(r.losses)))
     assert r.tensors and all(".attn2." in k for k in r.tensors)
     assert any(v.abs().sum() > 0 for v in r.tensors.values())
     assert r.metadata["concept_guard.method"] == "esd-x" and r.metadata["concept_guard.concepts"] == "circle, square"
@@ -150,3 +150,17 @@ def test_cli_rejects_bad_out_before_loading(tmp_path, capsys):
 def test_conditioning_cat_and_expand():
     c = Conditioning(context=torch.zeros(1, 3, 4))
     assert len(Conditioning.cat([c, c.expand_to(2)])) == 3
+
+
+def test_interrupt_while_building_the_bank_attaches_nothing(sd1_backend):
+    class Stop(Exception):
+        pass
+
+    def on_step(step, total, loss):
+        if step == 0:
+            raise Stop
+
+    before = _probe(sd1_backend)
+    with pytest.raises(Stop):
+        train(ESDConfig(concepts=("circle",), **FAST), sd1_backend, on_step=on_step)
+    assert torch.equal(_probe(sd1_backend), before)
