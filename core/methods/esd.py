@@ -2,8 +2,12 @@
 
 Objective (concept-anchored form of the official 2025 scripts, so ``eta`` = paper's η + 1):
 
-    target = ε*(x_t, a) − η · (ε*(x_t, c) − ε*(x_t, ""))      a = anchor if given, else c
-    loss   = MSE(ε_θ(x_t, c), target)
+    target = ε*(x_t, a) − η · (ε*(x_t, c) − ε*(x_t, ""))      a = anchor if given, else f
+    loss   = MSE(ε_θ(x_t, f), target)
+
+f is the prompt the edit is trained on: the concept itself, or each of the ``erase_from`` prompts
+(the official script's ``--erase_from``: erase the direction of c from prompts f that contain it,
+e.g. c = "a circle", f = "a red circle", without pushing away from "red").
 
 ε* is the frozen model — the same UNet with every delta switched off — and ε_θ the model with
 trainable deltas on the method's weights. With an anchor ("erase circle to square"), prompts for
@@ -50,7 +54,9 @@ class ESDConfig:
     Args:
         concepts (`tuple[str, ...]`): concepts to erase; one is sampled per step.
         method (`str`, defaults to ``"esd-x"``): which weights train, see ``targets.ESD_METHODS``.
-        anchor (`str`, *optional*): "erase to" concept; ``None`` anchors on the concept itself.
+        anchor (`str`, *optional*): "erase to" concept; ``None`` anchors on the trained prompt itself.
+        erase_from (`tuple[str, ...]`): prompts to erase the concept from (comma-separated or a tuple);
+            empty = the concepts themselves.
         eta (`float`, defaults to 2.0): negative-guidance strength (concept-anchored form).
         iterations (`int`, defaults to 200): optimiser steps.
         lr (`float`, defaults to 5e-5): Adam learning rate of the fp32 deltas.
@@ -65,6 +71,7 @@ class ESDConfig:
     concepts: tuple[str, ...]
     method: str = "esd-x"
     anchor: str | None = None
+    erase_from: tuple[str, ...] = ()
     eta: float = 2.0
     iterations: int = 200
     lr: float = 5e-5
@@ -82,6 +89,7 @@ class ESDConfig:
                 f"`concepts` must name at least one concept, got {self.concepts!r}. Example: 'circle' or 'van gogh, monet'."
             )
         object.__setattr__(self, "concepts", concepts)
+        object.__setattr__(self, "erase_from", parse_concepts(self.erase_from))
         if self.anchor is not None and not self.anchor.strip():
             object.__setattr__(self, "anchor", None)
         if self.method not in ESD_METHODS:
@@ -106,7 +114,7 @@ class TrajectoryBank:
     Attributes:
         x_t (`torch.Tensor`): ``[N, C, h, w]`` noisy latents.
         t (`torch.Tensor`): ``[N]`` integer DDPM timesteps.
-        concept (`torch.Tensor`): ``[N]`` index into the concept list (selects the student prompt).
+        concept (`torch.Tensor`): ``[N]`` index into ``conds`` (the student prompt f of each entry).
         target (`torch.Tensor`): ``[N, C, h, w]`` fp32 ESD targets.
     """
 
@@ -137,6 +145,18 @@ def esd_targets(eps_anchor: torch.Tensor, eps_concept: torch.Tensor, eps_null: t
     return eps_anchor.float() - eta * (eps_concept.float() - eps_null.float())
 
 
+@torch.no_grad()
+def _targets(backend: DiffusionBackend, x: torch.Tensor, t: torch.Tensor, base: Conditioning, concept: Conditioning,
+             null: Conditioning, eta: float, *, same: bool) -> torch.Tensor:
+    """ESD targets for one chunk, all frozen predictions in one batched call."""
+    n = x.shape[0]
+    parts = [concept, null] if same else [base, concept, null]
+    e = backend.eps(x.repeat(len(parts), 1, 1, 1), t.repeat(len(parts)),
+                    Conditioning.cat([c.expand_to(n) for c in parts])).chunk(len(parts))  # fmt: skip
+    e_base, e_c, e_0 = (e[0], e[0], e[1]) if same else e
+    return esd_targets(e_base, e_c, e_0, eta).cpu()
+
+
 def build_bank(
     backend: DiffusionBackend, cfg: ESDConfig, *, chunk: int = 32, on_progress: Callable[[], None] | None = None
 ) -> TrajectoryBank:
@@ -148,36 +168,30 @@ def build_bank(
     """
     gen = make_generator(cfg.seed)
     null = backend.encode_text([""])
+    anchor = backend.encode_text([cfg.anchor]) if cfg.anchor else None
     xs, ts, idx, targets, conds = [], [], [], [], []
-    for ci, concept in enumerate(cfg.concepts):
+    for concept in cfg.concepts:
         cond = backend.encode_text([concept])
-        anchor = backend.encode_text([cfg.anchor]) if cfg.anchor else cond
-        conds.append(cond)
-        traj, steps = sample_trajectory(
-            backend, cond, null, batch=cfg.bank_trajectories, steps=cfg.sampling_steps,
-            guidance=cfg.guidance, generator=gen, latent_size=cfg.latent_size,
-        )  # traj: [S, B, C, h, w]; steps: [S] timesteps at which each x_t is evaluated
-        if on_progress:
-            on_progress()
-        x = traj.flatten(0, 1)
-        t = steps.repeat_interleave(traj.shape[1])
-        for s in range(0, x.shape[0], chunk):
-            xb, tb = x[s : s + chunk], t[s : s + chunk]
-            n = xb.shape[0]
-            if cfg.anchor:
-                all_cond = Conditioning.cat([anchor.expand_to(n), cond.expand_to(n), null.expand_to(n)])
-                e = backend.eps(xb.repeat(3, 1, 1, 1), tb.repeat(3), all_cond)
-                e_a, e_c, e_0 = e.chunk(3)
-            else:
-                all_cond = Conditioning.cat([cond.expand_to(n), null.expand_to(n)])
-                e_c, e_0 = backend.eps(xb.repeat(2, 1, 1, 1), tb.repeat(2), all_cond).chunk(2)
-                e_a = e_c
-            targets.append(esd_targets(e_a, e_c, e_0, cfg.eta).cpu())
+        for prompt in cfg.erase_from or (concept,):
+            student = cond if prompt == concept else backend.encode_text([prompt])
+            base = anchor if anchor is not None else student
+            traj, steps = sample_trajectory(
+                backend, student, null, batch=cfg.bank_trajectories, steps=cfg.sampling_steps,
+                guidance=cfg.guidance, generator=gen, latent_size=cfg.latent_size,
+            )  # traj: [S, B, C, h, w]; steps: [S] timesteps at which each x_t is evaluated
             if on_progress:
                 on_progress()
-        xs.append(x.cpu())
-        ts.append(t.cpu())
-        idx.append(torch.full((x.shape[0],), ci, dtype=torch.long))
+            x = traj.flatten(0, 1)
+            t = steps.repeat_interleave(traj.shape[1])
+            for s in range(0, x.shape[0], chunk):
+                targets.append(_targets(backend, x[s : s + chunk], t[s : s + chunk], base, cond, null, cfg.eta,
+                                        same=base is cond))  # fmt: skip
+                if on_progress:
+                    on_progress()
+            xs.append(x.cpu())
+            ts.append(t.cpu())
+            idx.append(torch.full((x.shape[0],), len(conds), dtype=torch.long))
+            conds.append(student)
     return TrajectoryBank(
         x_t=torch.cat(xs), t=torch.cat(ts), concept=torch.cat(idx), target=torch.cat(targets), conds=conds
     )
@@ -208,7 +222,7 @@ def train(
     Raises:
         ConceptGuardError: bad prompts; TrainingDivergedError: NaN/inf loss (nothing returned).
     """
-    check_prompt_length(backend, [*cfg.concepts, *([cfg.anchor] if cfg.anchor else [])])
+    check_prompt_length(backend, [*cfg.concepts, *cfg.erase_from, *([cfg.anchor] if cfg.anchor else [])])
     names = select_for_method(cfg.method, backend.unet_module_names())
     setup_start = time.perf_counter()
     if on_phase:
@@ -240,6 +254,7 @@ def train(
         "concept_guard.method": cfg.method,
         "concept_guard.concepts": ", ".join(cfg.concepts),
         "concept_guard.anchor": cfg.anchor or "",
+        "concept_guard.erase_from": ", ".join(cfg.erase_from),
         "concept_guard.eta": str(cfg.eta),
         "concept_guard.iterations": str(cfg.iterations),
         "concept_guard.lr": str(cfg.lr),

@@ -164,3 +164,18 @@ def test_interrupt_while_building_the_bank_attaches_nothing(sd1_backend):
     with pytest.raises(Stop):
         train(ESDConfig(concepts=("circle",), **FAST), sd1_backend, on_step=on_step)
     assert torch.equal(_probe(sd1_backend), before)
+
+
+def test_erase_from_trains_on_the_from_prompts_with_the_concept_direction(sd1_backend):
+    cfg = ESDConfig(concepts=("circle",), erase_from="a red circle, a blue circle", eta=1.5, **FAST)
+    bank = build_bank(sd1_backend, cfg)
+    assert len(bank.conds) == 2 and len(bank) == 2 * cfg.sampling_steps * cfg.bank_trajectories
+    i = len(bank) - 1  # an entry of "a blue circle"
+    x, t = bank.x_t[i : i + 1], bank.t[i : i + 1]
+    enc = sd1_backend.encode_text
+    with torch.no_grad():
+        e_f, e_c, e_0 = (sd1_backend.eps(x, t, enc([p])) for p in ("a blue circle", "circle", ""))
+    torch.testing.assert_close(bank.target[i : i + 1], e_f - 1.5 * (e_c - e_0), rtol=1e-4, atol=1e-5)
+    assert torch.equal(bank.conds[int(bank.concept[i])].context, enc(["a blue circle"]).context)
+    r = train(cfg, sd1_backend)
+    assert r.metadata["concept_guard.erase_from"] == "a red circle, a blue circle"
