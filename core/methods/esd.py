@@ -9,6 +9,10 @@ f is the prompt the edit is trained on: the concept itself, or each of the ``era
 (the official script's ``--erase_from``: erase the direction of c from prompts f that contain it,
 e.g. c = "a circle", f = "a red circle", without pushing away from "red").
 
+Optional ``preserve`` prompts p add bank entries whose target is the frozen model's own ε*(x_t, p):
+a retain term (as in later unlearning work) that holds unrelated concepts in place, which matters
+when deltas on shared tokens (BOS, articles, padding) would otherwise drift.
+
 ε* is the frozen model — the same UNet with every delta switched off — and ε_θ the model with
 trainable deltas on the method's weights. With an anchor ("erase circle to square"), prompts for
 c are steered to a's prediction and pushed away from c.
@@ -57,6 +61,7 @@ class ESDConfig:
         anchor (`str`, *optional*): "erase to" concept; ``None`` anchors on the trained prompt itself.
         erase_from (`tuple[str, ...]`): prompts to erase the concept from (comma-separated or a tuple);
             empty = the concepts themselves.
+        preserve (`tuple[str, ...]`): prompts whose predictions should stay unchanged (retain set); empty = none.
         eta (`float`, defaults to 2.0): negative-guidance strength (concept-anchored form).
         iterations (`int`, defaults to 200): optimiser steps.
         lr (`float`, defaults to 5e-5): Adam learning rate of the fp32 deltas.
@@ -72,6 +77,7 @@ class ESDConfig:
     method: str = "esd-x"
     anchor: str | None = None
     erase_from: tuple[str, ...] = ()
+    preserve: tuple[str, ...] = ()
     eta: float = 2.0
     iterations: int = 200
     lr: float = 5e-5
@@ -90,6 +96,7 @@ class ESDConfig:
             )
         object.__setattr__(self, "concepts", concepts)
         object.__setattr__(self, "erase_from", parse_concepts(self.erase_from))
+        object.__setattr__(self, "preserve", parse_concepts(self.preserve))
         if self.anchor is not None and not self.anchor.strip():
             object.__setattr__(self, "anchor", None)
         if self.method not in ESD_METHODS:
@@ -170,28 +177,34 @@ def build_bank(
     null = backend.encode_text([""])
     anchor = backend.encode_text([cfg.anchor]) if cfg.anchor else None
     xs, ts, idx, targets, conds = [], [], [], [], []
+    # (student prompt f, base a, concept c, eta): erase entries, then retain entries (target ε*(p))
+    jobs = []
     for concept in cfg.concepts:
         cond = backend.encode_text([concept])
         for prompt in cfg.erase_from or (concept,):
             student = cond if prompt == concept else backend.encode_text([prompt])
-            base = anchor if anchor is not None else student
-            traj, steps = sample_trajectory(
-                backend, student, null, batch=cfg.bank_trajectories, steps=cfg.sampling_steps,
-                guidance=cfg.guidance, generator=gen, latent_size=cfg.latent_size,
-            )  # traj: [S, B, C, h, w]; steps: [S] timesteps at which each x_t is evaluated
+            jobs.append((student, anchor if anchor is not None else student, cond, cfg.eta))
+    for prompt in cfg.preserve:
+        keep = backend.encode_text([prompt])
+        jobs.append((keep, keep, keep, 0.0))
+    for student, base, cond, eta in jobs:
+        traj, steps = sample_trajectory(
+            backend, student, null, batch=cfg.bank_trajectories, steps=cfg.sampling_steps,
+            guidance=cfg.guidance, generator=gen, latent_size=cfg.latent_size,
+        )  # traj: [S, B, C, h, w]; steps: [S] timesteps at which each x_t is evaluated
+        if on_progress:
+            on_progress()
+        x = traj.flatten(0, 1)
+        t = steps.repeat_interleave(traj.shape[1])
+        for s in range(0, x.shape[0], chunk):
+            targets.append(_targets(backend, x[s : s + chunk], t[s : s + chunk], base, cond, null, eta,
+                                    same=base is cond))  # fmt: skip
             if on_progress:
                 on_progress()
-            x = traj.flatten(0, 1)
-            t = steps.repeat_interleave(traj.shape[1])
-            for s in range(0, x.shape[0], chunk):
-                targets.append(_targets(backend, x[s : s + chunk], t[s : s + chunk], base, cond, null, cfg.eta,
-                                        same=base is cond))  # fmt: skip
-                if on_progress:
-                    on_progress()
-            xs.append(x.cpu())
-            ts.append(t.cpu())
-            idx.append(torch.full((x.shape[0],), len(conds), dtype=torch.long))
-            conds.append(student)
+        xs.append(x.cpu())
+        ts.append(t.cpu())
+        idx.append(torch.full((x.shape[0],), len(conds), dtype=torch.long))
+        conds.append(student)
     return TrajectoryBank(
         x_t=torch.cat(xs), t=torch.cat(ts), concept=torch.cat(idx), target=torch.cat(targets), conds=conds
     )
@@ -222,7 +235,7 @@ def train(
     Raises:
         ConceptGuardError: bad prompts; TrainingDivergedError: NaN/inf loss (nothing returned).
     """
-    check_prompt_length(backend, [*cfg.concepts, *cfg.erase_from, *([cfg.anchor] if cfg.anchor else [])])
+    check_prompt_length(backend, [*cfg.concepts, *cfg.erase_from, *cfg.preserve, *([cfg.anchor] if cfg.anchor else [])])
     names = select_for_method(cfg.method, backend.unet_module_names())
     setup_start = time.perf_counter()
     if on_phase:
@@ -255,6 +268,7 @@ def train(
         "concept_guard.concepts": ", ".join(cfg.concepts),
         "concept_guard.anchor": cfg.anchor or "",
         "concept_guard.erase_from": ", ".join(cfg.erase_from),
+        "concept_guard.preserve": ", ".join(cfg.preserve),
         "concept_guard.eta": str(cfg.eta),
         "concept_guard.iterations": str(cfg.iterations),
         "concept_guard.lr": str(cfg.lr),
