@@ -20,11 +20,34 @@ from .errors import OutputPathError
 logger = logging.getLogger(__name__)
 
 ERASED_PROMPTS = {
-    "circle": ("a red circle", "a blue circle", "a yellow circle", "an outlined green circle"),
+    "circle": ("a blue circle on a white background", "a red circle on a gray background", "a filled blue circle",
+               "an outlined purple circle"),
 }
-KEPT_PROMPTS = ("a red square", "a blue triangle", "a yellow star", "a purple heart", "a green square")
+KEPT_PROMPTS = ("an outlined blue star", "a green triangle on a white background", "a yellow heart on a gray background",
+                "a filled purple square", "a red star on a black background")  # fmt: skip
 # ESD settings that erase a ShapesWorld shape (measured; see README "Measured results").
-DEMO_ESD = dict(method="esd-x", eta=2.0, iterations=200, lr=1e-3, guidance=5.0, sampling_steps=20, bank_trajectories=16)
+DEMO_ESD = dict(method="esd-x", eta=3.0, iterations=400, lr=3e-3, guidance=5.0, sampling_steps=20,
+                bank_trajectories=4, batch_size=8)  # fmt: skip
+
+
+def shapesworld_recipe(concept: str) -> dict[str, object]:
+    """ESD prompts for erasing a ShapesWorld shape or style: ``erase_from`` = the concept in every colour,
+    ``preserve`` = every colour of the other shapes (or the other style). Evaluation prompts use other
+    templates (backgrounds, styles) than these training prompts."""
+    from .shapesworld import world
+
+    colours = tuple(world.COLOURS)
+    if concept in world.SHAPES:
+        erase_from = (*(f"a {c} {concept}" for c in colours), f"a {concept}")
+        preserve = tuple(f"a {c} {s}" for s in world.SHAPES if s != concept for c in colours)
+        return {"concepts": (f"a {concept}",), "erase_from": erase_from, "preserve": preserve}
+    if concept in world.STYLES:
+        other = next(s for s in world.STYLES if s != concept)
+        art = "an" if concept[0] in "aeiou" else "a"
+        return {"concepts": (f"{art} {concept} shape",),
+                "erase_from": tuple(f"{art} {concept} {s}" for s in world.SHAPES),
+                "preserve": tuple(f"a {other} {s}" for s in world.SHAPES)}  # fmt: skip
+    return {"concepts": (concept,)}
 
 
 def _named_rate(entry: dict, head: str, label: str) -> float:
@@ -59,7 +82,8 @@ def run_demo(out: Path, *, concept: str = "circle", samples: int = 16, seed: int
     cfg = EvalConfig(samples=samples, seed=seed)
     start = time.perf_counter()
     before = evaluate(backend, prompts, cfg, model_name="shapesworld", keep_images=True)
-    esd_cfg = ESDConfig(concepts=(concept,), seed=seed, **{**DEMO_ESD, **({"iterations": iterations} if iterations else {})})
+    esd_cfg = ESDConfig(seed=seed, **shapesworld_recipe(concept),
+                        **{**DEMO_ESD, **({"iterations": iterations} if iterations else {})})  # fmt: skip
     result = train(esd_cfg, backend)
     save_edit(result.tensors, edit_path, result.metadata, overwrite=True)
     with attach_edit(backend, result.tensors, 1.0):
