@@ -76,6 +76,11 @@ def _run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     backend = DiffusersBackend.load(args.model, device=args.device)
+    if args.embedding:
+        from .embeddings import add_embedding
+
+        for path in args.embedding:
+            add_embedding(backend, path)
     with contextlib.ExitStack() as stack:
         if args.edit:
             from .edit_formats import read_edit_file
@@ -86,7 +91,8 @@ def _run(args: argparse.Namespace) -> int:
             logger.info("applying %s (%s) at strength %s", args.edit, loaded.source_format, args.strength)
             stack.enter_context(attach_edit(backend, loaded.deltas, args.strength))
         report = evaluate(backend, prompts, cfg, judge=load_judge(args.judge), model_name=str(args.model),
-                          edit=args.edit, keep_images=grid is not None)  # fmt: skip
+                          edit=args.edit, embedding=", ".join(args.embedding) if args.embedding else None,
+                          keep_images=grid is not None)  # fmt: skip
     images = report.pop("_images", None)
     if grid is not None:
         write_grid(grid, prompts, images)
@@ -114,6 +120,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--guidance", type=float, default=5.0, help="CFG scale (default 5)")
     p.add_argument("--edit", default=None, help="a weight edit to apply first (any format `concept-guard apply` reads)")
     p.add_argument("--strength", type=float, default=1.0, help="strength of --edit (default 1)")
+    p.add_argument("--embedding", action="append", default=None, metavar="FILE",
+                   help="textual-inversion file usable in prompts as embedding:NAME (NAME = file stem); repeatable")
     p.add_argument("--grid", help="write a labelled PNG grid (one row per prompt) to this file")
     p.add_argument("--judge", default=None, help="judge file (default: the committed ShapesWorld judge)")
     p.add_argument("--device", default="cpu")

@@ -148,6 +148,8 @@ class DiffusersBackend:
         self._fingerprint: str | None = None
         self._modules: dict[str, nn.Module] | None = None
         self._hooked: set[str] = set()
+        #: ``embedding:NAME`` -> tokens, filled by ``core.embeddings.add_embedding``
+        self.embedding_tokens: dict[str, list[str]] = {}
 
     # -- construction -------------------------------------------------------------------------
 
@@ -217,6 +219,10 @@ class DiffusersBackend:
         penultimate hidden states concatenated, the pooled embedding of encoder 2, and time ids
         ``(H, W, 0, 0, H, W)`` for the native resolution."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if any("embedding:" in p for p in prompts):
+            from ..embeddings import expand_embedding_syntax
+
+            prompts = [expand_embedding_syntax(p, self.embedding_tokens) for p in prompts]
         if not self._added_cond:
             enc, tok = self.text_encoders[0], self.tokenizers[0]
             context = enc(self._token_ids(tok, prompts, enc.device))[0]
