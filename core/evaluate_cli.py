@@ -65,7 +65,7 @@ def write_grid(path: Path, prompts: list[str], images: list[torch.Tensor], *, sc
 
 def _run(args: argparse.Namespace) -> int:
     from .backends.diffusers_backend import DiffusersBackend
-    from .evaluate import EvalConfig, evaluate, resolve_prompts
+    from .evaluate import EvalConfig, evaluate, preservation, resolve_prompts
     from .shapesworld.judge import load_judge
 
     prompts = resolve_prompts(args.prompts, args.prompt_set)
@@ -81,6 +81,11 @@ def _run(args: argparse.Namespace) -> int:
 
         for path in args.embedding:
             add_embedding(backend, path)
+    judge = load_judge(args.judge)
+    unrelated = resolve_prompts(args.preserve, None) if args.preserve else None
+    base = None
+    if args.edit and unrelated:  # the base model on the unrelated prompts, same seeds: the preservation table
+        base = evaluate(backend, unrelated, cfg, judge=judge, model_name=str(args.model))
     with contextlib.ExitStack() as stack:
         if args.edit:
             from .edit_formats import read_edit_file
@@ -90,14 +95,23 @@ def _run(args: argparse.Namespace) -> int:
             loaded = read_edit_file(args.edit, TargetUNet.from_backend(backend))
             logger.info("applying %s (%s) at strength %s", args.edit, loaded.source_format, args.strength)
             stack.enter_context(attach_edit(backend, loaded.deltas, args.strength))
-        report = evaluate(backend, prompts, cfg, judge=load_judge(args.judge), model_name=str(args.model),
+        if base is not None:
+            edited = evaluate(backend, unrelated, cfg, judge=judge, model_name=str(args.model))
+        report = evaluate(backend, prompts, cfg, judge=judge, model_name=str(args.model),
                           edit=args.edit, embedding=", ".join(args.embedding) if args.embedding else None,
                           keep_images=grid is not None)  # fmt: skip
     images = report.pop("_images", None)
     if grid is not None:
         write_grid(grid, prompts, images)
         logger.info("wrote grid %s", grid)
+    if base is not None:
+        report["preservation"] = preservation(edited, base)
     print(json.dumps(report) if args.json else format_table(report))
+    if base is not None and not args.json:
+        print("\npreservation (prompts unrelated to the edit; rate of each named label, base -> edited):")
+        for row in report["preservation"]:
+            print(f"  {row['prompt']:<40} {row['head']:<10} {row['label']:<10} {row['base']:.2f} -> {row['now']:.2f}"
+                  f"  ({row['change']:+.2f})")
     return 0
 
 
@@ -119,6 +133,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, default=20, help="DDIM steps (default 20)")
     p.add_argument("--guidance", type=float, default=5.0, help="CFG scale (default 5)")
     p.add_argument("--edit", default=None, help="a weight edit to apply first (any format `concept-guard apply` reads)")
+    p.add_argument("--preserve", nargs="+", metavar="PROMPT", default=None,
+                   help="with --edit: prompts unrelated to the edit, judged with and without it (preservation table)")
     p.add_argument("--strength", type=float, default=1.0, help="strength of --edit (default 1)")
     p.add_argument("--embedding", action="append", default=None, metavar="FILE",
                    help="textual-inversion file usable in prompts as embedding:NAME (NAME = file stem); repeatable")

@@ -82,3 +82,19 @@ def test_eval_cli_with_embedding(backend, tmp_path, capsys):
     report = json.loads(capsys.readouterr().out)
     assert report["embedding"] == str(path)
     assert report["prompts"][0]["rates"]["shape"]["heart"] >= 0.75
+
+
+def test_eval_cli_preservation_table_with_edit(tmp_path, capsys):
+    from concept_guard.core.backends.diffusers_backend import DiffusersBackend
+    from concept_guard.core.edits import save_edit
+
+    b = DiffusersBackend.load("shapesworld")
+    name = next(n for n in b.unet_module_names() if n.endswith("attn2.to_k"))
+    weight = dict(b.unet.named_parameters())[b.keymap.to_diffusers(name) + ".weight"]
+    edit = save_edit({f"{name}.weight": torch.zeros_like(weight)}, tmp_path / "zero.safetensors", {})
+    code = cli_main(["eval", "--edit", str(edit), "--prompts", "a red circle", "--preserve", "a blue square",
+                     "--samples", "4", "--json", "--threads", "1"])
+    assert code == 0
+    rows = json.loads(capsys.readouterr().out)["preservation"]
+    assert {(r["head"], r["label"]) for r in rows} == {("shape", "square"), ("colour", "blue")}
+    assert all(r["change"] == 0 for r in rows)  # a zero edit changes nothing, same seeds
