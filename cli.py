@@ -31,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="concept-guard",
         description="Regulate what a Stable Diffusion model can generate: erase concepts (ESD), "
-        "train backdoored textual-inversion embeddings, apply and convert weight edits.",
+        "apply and convert weight edits, and measure the result on the bundled ShapesWorld model.",
     )
     parser.add_argument("--version", action="version", version=f"concept-guard {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details (DEBUG)")
