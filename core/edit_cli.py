@@ -87,15 +87,14 @@ def _meta(edit: LoadedEdit, **extra: object) -> dict[str, object]:
 def _check_out(args: argparse.Namespace, single_file: bool | None, what: str) -> Path:
     """Fail before any loading: wrong suffix for the output kind, or an existing output without --overwrite."""
     from .errors import OutputPathError
+    from .files import check_destination
 
     out = Path(args.out)
     if single_file is not None and (out.suffix == ".safetensors") != single_file:
         raise OutputPathError(
             f"`--out` for {what} must {'' if single_file else 'not '}end in .safetensors, got {str(out)!r}."
         )
-    if out.exists() and not args.overwrite:
-        raise OutputPathError(f"{str(out)!r} already exists; choose another `--out` or pass `--overwrite`.")
-    return out
+    return check_destination(out, overwrite=args.overwrite)
 
 
 def run_convert(args: argparse.Namespace) -> int:

@@ -13,14 +13,12 @@ Every write is atomic: a temp file/folder beside the destination, renamed when c
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
 import os
 import shutil
-import tempfile
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +27,7 @@ import torch
 from .. import __version__
 from .edit_target import TargetUNet
 from .errors import ConceptGuardError, OutputPathError
+from .files import atomic_folder
 
 logger = logging.getLogger(__name__)
 
@@ -182,28 +181,6 @@ def load_base_model(spec: str | os.PathLike) -> BaseModel:
     except (OSError, ValueError, RuntimeError) as e:
         raise ModelLoadError(f"Could not load the UNet of {str(path)!r}: {e}") from e
     return BaseModel(path=path, target=TargetUNet.from_diffusers_unet(unet), unet=unet, variant=variant)
-
-
-@contextlib.contextmanager
-def atomic_folder(dest: Path, *, overwrite: bool) -> Iterator[Path]:
-    """Yield a temp folder beside ``dest``; on success it becomes ``dest`` (replacing it with ``overwrite``)."""
-    if dest.exists() and not overwrite:
-        raise OutputPathError(f"{str(dest)!r} already exists; choose another `--out` or pass `--overwrite`.")
-    if not dest.parent.is_dir():
-        raise OutputPathError(f"Output folder {str(dest.parent)!r} does not exist; create it first.")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
-    try:
-        yield tmp
-        old = None
-        if dest.exists():
-            old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
-            os.replace(dest, old)
-        os.replace(tmp, dest)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def write_merged(

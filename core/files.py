@@ -6,8 +6,9 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import torch
@@ -38,6 +39,46 @@ def metadata_to_strings(metadata: Mapping[str, object]) -> dict[str, str]:
     return {str(k): v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
 
 
+def check_destination(path: str | os.PathLike, *, overwrite: bool) -> Path:
+    """Refuse a destination whose folder is missing or read-only, or that exists while ``overwrite`` is off.
+
+    Callers run it before expensive work, so a bad output path costs no training time.
+
+    Raises:
+        OutputPathError: with the path and how to proceed.
+    """
+    dest = Path(path)
+    folder = dest.parent if str(dest.parent) else Path(".")
+    if not folder.is_dir():
+        raise OutputPathError(f"Output folder {str(folder)!r} does not exist; create it first or choose another `--out`.")
+    if not os.access(folder, os.W_OK):
+        raise OutputPathError(f"Output folder {str(folder)!r} is not writable; choose another location.")
+    if dest.exists() and not overwrite:
+        raise OutputPathError(f"{str(dest)!r} already exists; choose another name or pass `--overwrite` "
+                              "(nodes: turn on `overwrite`).")  # fmt: skip
+    return dest
+
+
+@contextlib.contextmanager
+def atomic_folder(path: str | os.PathLike, *, overwrite: bool) -> Iterator[Path]:
+    """Yield a temp folder beside ``path``; on success it becomes ``path`` (replacing it with ``overwrite``),
+    on any error it is removed, so a folder output is either complete or absent."""
+    dest = check_destination(path, overwrite=overwrite)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
+    try:
+        yield tmp
+        old = None
+        if dest.exists():
+            old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+            os.replace(dest, old)
+        os.replace(tmp, dest)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def save_safetensors_atomic(
     tensors: Mapping[str, torch.Tensor],
     path: str | os.PathLike,
@@ -61,14 +102,8 @@ def save_safetensors_atomic(
     Raises:
         OutputPathError: the folder is missing or not writable, or the file exists and ``overwrite`` is False.
     """
-    dest = Path(path)
+    dest = check_destination(path, overwrite=overwrite)
     folder = dest.parent if str(dest.parent) else Path(".")
-    if not folder.is_dir():
-        raise OutputPathError(f"Output folder {str(folder)!r} does not exist; create it first or choose another `--out`.")
-    if not os.access(folder, os.W_OK):
-        raise OutputPathError(f"Output folder {str(folder)!r} is not writable; choose another location.")
-    if dest.exists() and not overwrite:
-        raise OutputPathError(f"{str(dest)!r} already exists; choose another name or pass overwrite=True (`--overwrite`).")
     clean = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=folder)
     os.close(fd)

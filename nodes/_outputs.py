@@ -8,8 +8,7 @@ import comfy.model_management
 import comfy.utils
 import folder_paths
 
-from ..core.errors import OutputPathError
-from ..core.files import sanitize_name
+from ..core.files import check_destination, sanitize_name
 from ..core.trainer import StepCallback
 
 #: Subfolder of ComfyUI's ``loras`` folder that holds our edit files (LoraLoader lists it too).
@@ -28,13 +27,8 @@ def edit_output_path(file_name: str, *, overwrite: bool) -> Path | None:
         return None
     name = sanitize_name(file_name.removesuffix(".safetensors"), what="file_name")
     folder = Path(folder_paths.get_folder_paths("loras")[0]) / EDITS_SUBFOLDER
-    path = folder / f"{name}.safetensors"
-    if path.exists() and not overwrite:
-        raise OutputPathError(
-            f"{str(path)!r} already exists; choose another `file_name` or turn on `overwrite`."
-        )
     folder.mkdir(parents=True, exist_ok=True)
-    return path
+    return check_destination(folder / f"{name}.safetensors", overwrite=overwrite)
 
 
 def progress_callback(total: int, node_id: str | None = None) -> StepCallback:

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 from ..errors import ConceptGuardError, OutputPathError
+from ..files import check_destination
 from ..targets import ESD_METHODS
 from .esd import ESDConfig, train
 
@@ -47,11 +48,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _check_out(path: Path, overwrite: bool) -> Path:
     if path.suffix != ".safetensors":
         raise OutputPathError(f"`--out` must end in .safetensors, got {str(path)!r}.")
-    if not path.parent.is_dir():
-        raise OutputPathError(f"Output folder {str(path.parent)!r} does not exist; create it or choose another `--out`.")
-    if path.exists() and not overwrite:
-        raise OutputPathError(f"{str(path)!r} already exists; pass --overwrite or choose another `--out`.")
-    return path
+    return check_destination(path, overwrite=overwrite)
 
 
 def run(args: argparse.Namespace) -> int:

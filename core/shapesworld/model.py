@@ -9,16 +9,15 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from ..errors import ModelLoadError, OutputPathError
+from ..errors import ModelLoadError
+from ..files import atomic_folder
 
 logger = logging.getLogger(__name__)
 
@@ -116,11 +115,8 @@ def save_pipeline(
     The modules are copied, so the caller's fp32 training copies are untouched.
     """
     dest = Path(out)
-    if dest.exists() and not overwrite:
-        raise OutputPathError(f"{str(dest)!r} already exists; choose another `--out` or pass `--overwrite`.")
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
-    try:
+    with atomic_folder(dest, overwrite=overwrite) as tmp:
         pipe = StableDiffusionPipeline(
             vae=_fp16_copy(vae), text_encoder=_fp16_copy(text_encoder), tokenizer=load_tokenizer(tokenizer_dir),
             unet=_fp16_copy(unet), scheduler=make_scheduler(), safety_checker=None, feature_extractor=None,
@@ -134,17 +130,6 @@ def save_pipeline(
             shutil.copy2(Path(tokenizer_dir) / name, tmp / "tokenizer" / name)
         if info:
             (tmp / "shapesworld.json").write_text(json.dumps(info, indent=2) + "\n")
-        if dest.exists():
-            old = dest.with_name(f".{dest.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(dest, old)
-            os.replace(tmp, dest)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     logger.info("saved pipeline folder %s (%.1f MB)", dest, folder_bytes(dest) / 1e6)
     return dest
 
