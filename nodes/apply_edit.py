@@ -10,7 +10,8 @@ from ..core.edit_formats import read_edit_file
 from ..core.edit_target import TargetUNet
 from . import CATEGORY, NODE_CLASSES
 from ._api import io
-from .comfy_backend import UNET_PREFIX, make_patched_model
+from .comfy_backend import UNET_PREFIX
+from .patches import make_patched_model
 
 logger = logging.getLogger(__name__)
 

@@ -9,7 +9,8 @@ from ..core.targets import ESD_METHODS
 from . import CATEGORY, NODE_CLASSES
 from ._api import io
 from ._outputs import edit_output_path, progress_callback
-from .comfy_backend import ComfyBackend, make_patched_model
+from .comfy_backend import ComfyBackend
+from .patches import make_patched_model
 
 _D = ESDConfig(concepts=("x",))
 

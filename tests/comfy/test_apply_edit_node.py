@@ -19,7 +19,8 @@ from concept_guard.core.edits import save_edit
 from concept_guard.core.errors import ArchitectureMismatchError
 from concept_guard.core.methods.esd import ESDConfig, train
 from concept_guard.nodes.apply_edit import ApplyEditedUNet, unet_target
-from concept_guard.nodes.comfy_backend import ComfyBackend, make_patched_model
+from concept_guard.nodes.comfy_backend import ComfyBackend
+from concept_guard.nodes.patches import make_patched_model
 from safetensors.torch import save_file
 
 TO_K = "input_blocks.1.1.transformer_blocks.0.attn2.to_k"

@@ -10,7 +10,8 @@ import torch
 from concept_guard.core.backend import Conditioning, DiffusionBackend
 from concept_guard.core.errors import ArchitectureMismatchError, ModelLoadError, NoMatchingModulesError
 from concept_guard.core.trainer import optimise
-from concept_guard.nodes.comfy_backend import ComfyBackend, make_patched_model
+from concept_guard.nodes.comfy_backend import ComfyBackend
+from concept_guard.nodes.patches import make_patched_model
 from diffusers import DDPMScheduler
 
 ATTN2 = ".attn2."

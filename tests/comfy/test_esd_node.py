@@ -23,8 +23,9 @@ from concept_guard.core.edits import attach_edit, read_edit
 from concept_guard.core.errors import ConceptGuardError, OutputPathError, TrainingDivergedError
 from concept_guard.nodes import CATEGORY
 from concept_guard.nodes import esd as esd_node
-from concept_guard.nodes.comfy_backend import ComfyBackend, make_patched_model
+from concept_guard.nodes.comfy_backend import ComfyBackend
 from concept_guard.nodes.esd import EraseConceptESD
+from concept_guard.nodes.patches import make_patched_model
 from safetensors import safe_open
 from tiny_checkpoint import lively_
 
