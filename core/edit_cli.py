@@ -8,10 +8,11 @@ from pathlib import Path
 
 import torch
 
+from .edit_convert import DEFAULT_RANK, EDIT_KINDS
 from .edit_formats import LoadedEdit
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-TARGETS = ("diff", "lora", "diffusers", "checkpoint")
+TARGETS = (*EDIT_KINDS, "diffusers", "checkpoint")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -27,7 +28,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--out", required=True, help=".safetensors file (diff, lora, checkpoint) or folder (diffusers)")
     c.add_argument("--model", default=None, help="base model (pipeline folder or checkpoint); needed for everything "
                    "but .diff -> diff/lora with LDM names")
-    c.add_argument("--rank", type=int, default=32, help="LoRA rank for --to lora (default 32)")
+    c.add_argument("--rank", type=int, default=DEFAULT_RANK, help=f"LoRA rank for --to lora (default {DEFAULT_RANK})")
     c.add_argument("--lora-names", choices=("ldm", "diffusers"), default="ldm",
                    help="module names in LoRA keys: ldm (ComfyUI, A1111, SDXL kohya) or diffusers (SD1/2 kohya)")
     c.add_argument("--strength", type=float, default=1.0, help="edit strength for merged outputs (default 1)")
@@ -78,12 +79,6 @@ def _read(args: argparse.Namespace):
                       metadata=raw.metadata, path=str(args.edit)), None
 
 
-def _meta(edit: LoadedEdit, **extra: object) -> dict[str, object]:
-    carried = {k: v for k, v in edit.metadata.items() if k != "format"}
-    return {**carried, "concept_guard.converted_from": Path(edit.path).name,
-            "concept_guard.source_format": edit.source_format, **extra}
-
-
 def _check_out(args: argparse.Namespace, single_file: bool | None, what: str) -> Path:
     """Fail before any loading: wrong suffix for the output kind, or an existing output without --overwrite."""
     from .errors import OutputPathError
@@ -98,10 +93,8 @@ def _check_out(args: argparse.Namespace, single_file: bool | None, what: str) ->
 
 
 def run_convert(args: argparse.Namespace) -> int:
-    from .edit_convert import kohya_name, lora_from_deltas, write_merged
-    from .edits import save_edit
+    from .edit_convert import converted_metadata, kohya_name, write_edit_as, write_merged
     from .errors import ConceptGuardError
-    from .files import save_safetensors_atomic
 
     out = _check_out(args, args.to != "diffusers", f"--to {args.to}")
     if args.to in ("diffusers", "checkpoint") or args.lora_names == "diffusers":
@@ -110,33 +103,29 @@ def run_convert(args: argparse.Namespace) -> int:
     edit, base = _read(args)
     result: dict[str, object] = {"out": str(out), "format": edit.source_format, "applied": len(edit.deltas),
                                  "ignored": len(edit.ignored)}
-    if args.to == "diff":
-        save_edit(edit.deltas, out, _meta(edit), dtype=DTYPES[args.dtype], overwrite=args.overwrite)
-    elif args.to == "lora":
+    if args.to in EDIT_KINDS:
         name = kohya_name
         if args.lora_names == "diffusers":
             name = lambda m: kohya_name(base.target.diffusers_module(m))  # noqa: E731
-        export = lora_from_deltas(edit.deltas, rank=args.rank, name=name, dtype=DTYPES[args.dtype])
-        meta = _meta(edit, format="concept_guard.lora/1", **{"concept_guard.rank": args.rank,
-                     "concept_guard.relative_error": f"{export.relative_error:.6g}", "ss_network_dim": args.rank,
-                     "ss_network_module": "networks.lora"})
-        save_safetensors_atomic(export.tensors, out, meta, overwrite=args.overwrite)
-        result["relative_error"] = export.relative_error
-        if not args.json:
-            print(f"rank {args.rank}: relative approximation error ||D - D_r|| / ||D|| = {export.relative_error:.3e}")
+        export = write_edit_as(edit, args.to, out, rank=args.rank, name=name, dtype=DTYPES[args.dtype],
+                               overwrite=args.overwrite)
+        if export.relative_error is not None:
+            result["relative_error"] = export.relative_error
+            if not args.json:
+                print(export.error_line)
     else:
-        write_merged(base, edit.deltas, args.strength, out, _meta(edit), overwrite=args.overwrite)
+        write_merged(base, edit.deltas, args.strength, out, converted_metadata(edit), overwrite=args.overwrite)
         result["strength"] = args.strength
     _report(args, edit, result)
     return 0
 
 
 def run_apply(args: argparse.Namespace) -> int:
-    from .edit_convert import write_merged
+    from .edit_convert import converted_metadata, write_merged
 
     _check_out(args, None, "apply")
     edit, base = _read(args)
-    out = write_merged(base, edit.deltas, args.strength, args.out, _meta(edit), overwrite=args.overwrite)
+    out = write_merged(base, edit.deltas, args.strength, args.out, converted_metadata(edit), overwrite=args.overwrite)
     _report(args, edit, {"out": str(out), "format": edit.source_format, "applied": len(edit.deltas),
                          "ignored": len(edit.ignored), "strength": args.strength})
     return 0

@@ -4,6 +4,8 @@
   1-D weights stay exact ``.diff_b``/``.diff`` entries. ComfyUI, A1111 and kohya load the
   ``lora_unet_<name>.lora_up/lora_down/alpha`` keys; LDM names suit all three, diffusers names suit kohya's
   SD1/SD2 scripts.
+* an edit -> a ``.diff`` or LoRA file (:func:`write_edit_as`, used by ``concept-guard convert`` and the
+  "Convert Edit" node), with the source's metadata carried over (:func:`converted_metadata`).
 * deltas -> merged model: ``W + strength·Δ`` written as a diffusers pipeline folder (the source folder with a
   new ``unet/``) or as a single-file LDM checkpoint (the source checkpoint with new UNet tensors), which
   ComfyUI's CheckpointLoaderSimple and A1111 load.
@@ -25,15 +27,21 @@ from pathlib import Path
 import torch
 
 from .. import __version__
+from .edit_formats import LoadedEdit
 from .edit_target import TargetUNet
+from .edits import EDIT_DTYPE, save_edit
 from .errors import ConceptGuardError, OutputPathError
-from .files import atomic_folder
+from .files import atomic_folder, save_safetensors_atomic
 
 logger = logging.getLogger(__name__)
 
 LORA_FORMAT = "concept_guard.lora/1"
 MERGE_INFO_FILE = "concept_guard_edit.json"
 UNET_PREFIX = "model.diffusion_model."
+#: Edit file kinds :func:`write_edit_as` writes: our ``.diff`` format, or a low-rank kohya LoRA.
+EDIT_KINDS = ("diff", "lora")
+#: LoRA rank when none is given (CLI ``--rank``, the node's ``rank``).
+DEFAULT_RANK = 32
 
 
 @dataclass(frozen=True)
@@ -114,6 +122,70 @@ def lora_from_deltas(
         errors[key] = math.sqrt(err / norm) if norm else 0.0
     relative = math.sqrt(residual / total) if total else 0.0
     return LoraExport(tensors=tensors, rank=rank, relative_error=relative, errors=errors)
+
+
+def converted_metadata(edit: LoadedEdit, **extra: object) -> dict[str, object]:
+    """Header metadata for a file converted from ``edit``: the source's (but its ``format``), where it came
+    from, and ``extra``."""
+    carried = {k: v for k, v in edit.metadata.items() if k != "format"}
+    return {**carried, "concept_guard.converted_from": Path(edit.path).name,
+            "concept_guard.source_format": edit.source_format, **extra}
+
+
+@dataclass(frozen=True)
+class EditExport:
+    """A written edit file: where, which kind, and for a LoRA its rank and relative approximation error."""
+
+    path: Path
+    kind: str
+    rank: int | None = None
+    relative_error: float | None = None
+
+    @property
+    def error_line(self) -> str:
+        """``rank r: relative approximation error …`` for a LoRA, else empty."""
+        if self.kind != "lora":
+            return ""
+        return f"rank {self.rank}: relative approximation error ||D - D_r|| / ||D|| = {self.relative_error:.3e}"
+
+
+def write_edit_as(
+    edit: LoadedEdit,
+    kind: str,
+    out: str | os.PathLike,
+    *,
+    rank: int = DEFAULT_RANK,
+    name: Callable[[str], str] = kohya_name,
+    dtype: torch.dtype = EDIT_DTYPE,
+    overwrite: bool = False,
+) -> EditExport:
+    """Write ``edit`` as a ``.diff`` edit or a rank-``rank`` LoRA (atomically, with metadata).
+
+    Args:
+        edit: the edit read for its UNet (``read_edit_file``).
+        kind: ``"diff"`` or ``"lora"`` (:data:`EDIT_KINDS`).
+        out: destination ``.safetensors`` file.
+        rank: LoRA rank (``kind="lora"`` only).
+        name: LDM module -> LoRA key stem (default kohya with LDM names).
+        dtype: dtype of the written tensors.
+        overwrite: replace an existing ``out``.
+
+    Raises:
+        ConceptGuardError: unknown ``kind`` or ``rank`` < 1.
+        OutputPathError: ``out`` exists (without ``overwrite``) or its folder is missing/read-only.
+    """
+    if kind == "diff":
+        path = save_edit(edit.deltas, out, converted_metadata(edit), dtype=dtype, overwrite=overwrite)
+        return EditExport(path=path, kind=kind)
+    if kind != "lora":
+        raise ConceptGuardError(f"Unknown edit kind {kind!r}; choose one of {', '.join(EDIT_KINDS)}.")
+    export = lora_from_deltas(edit.deltas, rank=rank, name=name, dtype=dtype)
+    meta = converted_metadata(edit, format=LORA_FORMAT, **{
+        "concept_guard.version": __version__, "concept_guard.rank": rank,
+        "concept_guard.relative_error": f"{export.relative_error:.6g}",
+        "ss_network_dim": rank, "ss_network_alpha": rank, "ss_network_module": "networks.lora"})
+    path = save_safetensors_atomic(export.tensors, out, meta, overwrite=overwrite)
+    return EditExport(path=path, kind=kind, rank=rank, relative_error=export.relative_error)
 
 
 def merge_weights(
@@ -200,8 +272,6 @@ def write_merged(
     Raises:
         OutputPathError: the destination exists (without ``overwrite``) or does not fit the base's kind.
     """
-    from .files import save_safetensors_atomic
-
     out = Path(out)
     info = {"concept_guard.version": __version__, "concept_guard.base_model": str(base.path),
             "concept_guard.strength": strength, **metadata}

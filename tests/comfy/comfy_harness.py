@@ -217,6 +217,27 @@ def tiny_vae():
     return build_tiny_vae()
 
 
+@pytest.fixture
+def loras(tmp_path, monkeypatch) -> Path:
+    """A temporary ComfyUI ``models/loras`` folder (with our ``concept_guard/`` subfolder)."""
+    import folder_paths
+
+    folder = tmp_path / "loras"
+    (folder / "concept_guard").mkdir(parents=True)
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "loras", ([str(folder)], folder_paths.supported_pt_extensions))
+    monkeypatch.setattr(folder_paths, "filename_list_cache", {})
+    return folder
+
+
+@pytest.fixture(scope="session")
+def stock_nodes():
+    """ComfyUI's own ``nodes`` module (LoraLoaderModelOnly, CheckpointLoaderSimple, ...) from COMFY_ROOT."""
+    import nodes
+
+    assert Path(nodes.__file__).resolve().parent == COMFY_ROOT, nodes.__file__
+    return nodes
+
+
 @pytest.fixture(autouse=True)
 def _comfy_test_env():
     """One torch thread per test (tiny models: on 2 shared cores, 2 threads spin and ran ~100x slower,

@@ -22,7 +22,9 @@ if os.environ.get("COMFYUI_PATH", "").strip():
     from comfy_harness import (  # noqa: F401  (fixtures and hooks are found by name here)
         _comfy_test_env,
         comfy_server,
+        loras,
         pytest_runtest_makereport,
+        stock_nodes,
         tiny_clip,
         tiny_model,
         tiny_vae,

@@ -13,7 +13,7 @@ import comfy.model_management
 import folder_paths
 import pytest
 import torch
-from comfy_harness import COMFY_ROOT, CONTEXT_DIM, build_tiny_model, build_tiny_sdxl
+from comfy_harness import CONTEXT_DIM, build_tiny_model, build_tiny_sdxl
 from concept_guard.core.backend import Conditioning
 from concept_guard.core.edits import save_edit
 from concept_guard.core.errors import ArchitectureMismatchError
@@ -29,24 +29,6 @@ TO_OUT = "output_blocks.1.1.transformer_blocks.0.attn2.to_out.0"
 PROJ_IN = "input_blocks.1.1.proj_in"  # 1x1 conv
 CONV3 = "input_blocks.1.0.in_layers.2"  # 3x3 conv
 MODULES = (TO_K, TO_V, TO_OUT, PROJ_IN, CONV3)
-
-
-@pytest.fixture
-def loras(tmp_path, monkeypatch) -> Path:
-    """A temporary ComfyUI ``models/loras`` folder (with our ``concept_guard/`` subfolder)."""
-    folder = tmp_path / "loras"
-    (folder / "concept_guard").mkdir(parents=True)
-    monkeypatch.setitem(folder_paths.folder_names_and_paths, "loras", ([str(folder)], folder_paths.supported_pt_extensions))
-    monkeypatch.setattr(folder_paths, "filename_list_cache", {})
-    return folder
-
-
-@pytest.fixture(scope="module")
-def stock_nodes():
-    import nodes
-
-    assert Path(nodes.__file__).resolve().parent == COMFY_ROOT, nodes.__file__
-    return nodes
 
 
 def _eps(model) -> torch.Tensor:
