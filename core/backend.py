@@ -8,7 +8,9 @@ and on ComfyUI's MODEL/CLIP/VAE (nodes) because both sides implement this interf
   (v-prediction models are converted to eps by the backend);
 * VAE encode (images in [0, 1] -> scaled latents) and decode;
 * trainable fp32 weight deltas attached to a named subset of UNet weights (LDM module names),
-  with a teacher switch that turns them all off without copying the UNet.
+  with a teacher switch that turns them all off without copying the UNet;
+* prompts in which :data:`PLACEHOLDER` stands for trainable token vectors (textual inversion), encoded
+  differentiably with respect to those vectors while the text encoder itself stays frozen.
 """
 
 from __future__ import annotations
@@ -20,6 +22,15 @@ from typing import Protocol, runtime_checkable
 import torch
 
 from .delta import DeltaSet
+
+#: Written in a prompt, stands for the vectors given to ``encode_text_with_vectors`` (one word, any position).
+PLACEHOLDER = "<S*>"
+#: A single, rare CLIP BPE token ("sks", id 48136) that backends put where the vectors go before
+#: substituting them, so the tokenizer never needs new tokens (the host's tokenizer is shared).
+SENTINEL_WORD = "sks"
+#: Vector slots, as embedding files name them: ``clip_l`` is the only text encoder of SD1.x/2.x
+#: (768 or 1024 wide); SDXL adds ``clip_g`` (1280).
+ENCODER_SLOTS = ("clip_l", "clip_g")
 
 
 @dataclass(frozen=True)
@@ -111,6 +122,20 @@ class DiffusionBackend(Protocol):
 
         Differentiable with respect to attached, enabled deltas. Output is fp32.
         """
+        ...
+
+    def encode_text_with_vectors(self, prompts: Sequence[str], vectors: dict[str, torch.Tensor]) -> Conditioning:
+        """Like :meth:`encode_text`, with every :data:`PLACEHOLDER` replaced by the ``[n, d]`` rows of
+        ``vectors`` (one entry per slot of :meth:`embedding_widths`); differentiable with respect to them."""
+        ...
+
+    def embedding_widths(self) -> dict[str, int]:
+        """Token-embedding width per vector slot: ``{"clip_l": 768}`` (SD1), ``{"clip_l": 1024}`` (SD2),
+        ``{"clip_l": 768, "clip_g": 1280}`` (SDXL)."""
+        ...
+
+    def word_vectors(self, word: str) -> dict[str, torch.Tensor]:
+        """The token-embedding rows ``[k, d]`` (fp32, detached) of ``word``'s k tokens, per slot."""
         ...
 
     def vae_encode(self, images: torch.Tensor) -> torch.Tensor:

@@ -1,5 +1,6 @@
 """Textual-inversion embedding files: reading the formats A1111/Forge, ComfyUI, kohya and diffusers
-write, and using one in prompts as ``embedding:NAME`` (ComfyUI's syntax) on the diffusers backend."""
+write, writing the one layout all of them load, and using one in prompts as ``embedding:NAME``
+(ComfyUI's syntax) on the diffusers backend."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from .errors import ConceptGuardError
+from .files import save_safetensors_atomic
 
 _SYNTAX = re.compile(r"embedding:([A-Za-z0-9_\-.]+)")
 
@@ -46,6 +48,28 @@ def read_embedding(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise ConceptGuardError(f"{str(p)!r} has {len(tensors)} tensors; expected one embedding tensor [n, d].")
     t = tensors[0].float()
     return {"clip_l": t.reshape(-1, t.shape[-1])}
+
+
+def embedding_tensors(vectors: dict[str, torch.Tensor], name: str) -> dict[str, torch.Tensor]:
+    """The file layout every tool loads (see ``reference/ti_backdoor_and_embedding_formats.md`` §B):
+    SD1.x/2.x one key, named after the embedding, holding ``[n, d]`` (diffusers then picks the token up
+    by itself; A1111, ComfyUI and kohya take the single tensor); SDXL ``clip_l`` ``[n, 768]`` and
+    ``clip_g`` ``[n, 1280]``. No other tensors (A1111 and diffusers insist on one)."""
+    if "clip_g" in vectors:
+        return {"clip_l": vectors["clip_l"].float().contiguous(), "clip_g": vectors["clip_g"].float().contiguous()}
+    return {name: vectors["clip_l"].float().contiguous()}
+
+
+def save_embedding(
+    vectors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, object], *, overwrite: bool = False
+) -> Path:
+    """Write ``vectors`` (``{"clip_l": [n, d]}``, SDXL also ``"clip_g"``) atomically as ``path``
+    (``.safetensors``; the stem is the embedding's name), with ``metadata`` in the header."""
+    p = Path(path)
+    if p.suffix != ".safetensors":
+        raise ConceptGuardError(f"Embedding files are written as .safetensors, got {str(p)!r}.")
+    header = {"format": "pt", **metadata}
+    return save_safetensors_atomic(embedding_tensors(vectors, p.stem), p, header, overwrite=overwrite)
 
 
 def add_embedding(backend, path: str | os.PathLike, name: str | None = None) -> list[str]:

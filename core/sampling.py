@@ -66,7 +66,7 @@ def _check(steps: int, guidance: float, eta: float, generator: torch.Generator |
         raise ConceptGuardError("Pass either `generator` or `seed`, not both.")
 
 
-def _latent_hw(backend: DiffusionBackend, latent_size: int | Sequence[int] | None) -> tuple[int, int]:
+def latent_hw(backend: DiffusionBackend, latent_size: int | Sequence[int] | None) -> tuple[int, int]:
     if latent_size is None:
         latent_size = getattr(backend, "native_latent_size", None) or _NATIVE_LATENT.get(backend.arch, 64)
     h, w = (latent_size, latent_size) if isinstance(latent_size, int) else tuple(latent_size)
@@ -95,7 +95,7 @@ def _run(backend: DiffusionBackend, cond: Conditioning, uncond: Conditioning, *,
     if seed is not None:
         generator = make_generator(seed)
     scheduler = ddim_scheduler(backend.alphas_cumprod, steps)
-    h, w = _latent_hw(backend, latent_size)
+    h, w = latent_hw(backend, latent_size)
     shape = (batch, backend.latent_channels, h, w)
     x = randn_tensor(shape, generator=generator, device=torch.device(backend.device), dtype=torch.float32)
     x = x * scheduler.init_noise_sigma

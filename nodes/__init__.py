@@ -26,7 +26,7 @@ class ConceptGuardExtension(ComfyExtension):
 
 
 #: Node modules, imported below; each appends its classes to NODE_CLASSES. Add new modules here.
-_NODE_MODULES = ("esd", "apply_edit", "convert_edit")
+_NODE_MODULES = ("esd", "apply_edit", "backdoor_ti", "convert_edit")
 
 for _name in _NODE_MODULES:
     try:

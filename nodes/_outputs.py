@@ -31,6 +31,18 @@ def edit_output_path(file_name: str, *, overwrite: bool) -> Path | None:
     return check_destination(folder / f"{name}.safetensors", overwrite=overwrite)
 
 
+def embedding_output_path(name: str, *, overwrite: bool) -> Path:
+    """``models/embeddings/<name>.safetensors``, where ComfyUI's ``embedding:<name>`` finds it.
+
+    Raises:
+        OutputPathError: unsafe name, or the file exists and ``overwrite`` is False.
+    """
+    name = sanitize_name(name.removesuffix(".safetensors"), what="embedding name")
+    folder = Path(folder_paths.get_folder_paths("embeddings")[0])
+    folder.mkdir(parents=True, exist_ok=True)
+    return check_destination(folder / f"{name}.safetensors", overwrite=overwrite)
+
+
 def progress_callback(total: int, node_id: str | None = None) -> StepCallback:
     """ProgressBar updates (which also check for interrupts) plus a loss event for our web extension."""
     bar = comfy.utils.ProgressBar(total, node_id=node_id)

@@ -28,6 +28,7 @@ from ..core.backend import Conditioning
 from ..core.delta import DeltaSet, WeightDelta
 from ..core.errors import ArchitectureMismatchError, ConceptGuardError, ModelLoadError, NoMatchingModulesError
 from ..core.fingerprint import weights_fingerprint
+from . import comfy_text
 from .comfy_host import autograd_safe_clip, frozen_trainable_copies, grad_enabled
 
 logger = logging.getLogger(__name__)
@@ -151,6 +152,21 @@ class ComfyBackend:
         self.vae_scale_factor = ratio if isinstance(ratio, int) else 8
         self._fingerprint: str | None = None
         self._training_depth = 0
+        if clip is not None:
+            self._check_clip_width(base)
+
+    def _check_clip_width(self, base) -> None:
+        """A CLIP from another model family (e.g. SDXL's with an SD1.5 MODEL) would fail deep in a matmul."""
+        context_dim = base.model_config.unet_config.get("context_dim")
+        try:
+            widths = self.embedding_widths()
+        except ModelLoadError:
+            return  # not a CLIP-L/H/G text encoder: ComfyUI itself decides what it can encode
+        if context_dim is not None and sum(widths.values()) != context_dim:
+            raise ArchitectureMismatchError(
+                f"The CLIP ({type(self.clip.cond_stage_model).__name__}, token width {sum(widths.values())}) does not "
+                f"match the MODEL ({self.arch}, text width {context_dim}). Connect the CLIP loaded with this MODEL."
+            )
 
     # ----- schedule and identity -------------------------------------------------------------
 
@@ -330,6 +346,29 @@ class ComfyBackend:
             context = torch.cat([_repeat_to(c, length) for c in contexts]).to(self.device)
             pooled_out = torch.cat(pooled).to(self.device) if self.arch == "sdxl" else None
         return Conditioning(context=context, pooled=pooled_out)
+
+    def encode_text_with_vectors(self, prompts: Sequence[str], vectors: dict[str, torch.Tensor]) -> Conditioning:
+        """:meth:`encode_text` with ``PLACEHOLDER`` standing for ``vectors`` (rows inserted as ComfyUI inserts
+        ``embedding:NAME`` rows). Differentiable inside ``training(text_encoder_grad=True)``."""
+        clip = self._need("clip", self.clip)
+        grad = contextlib.nullcontext() if self._training_depth else torch.no_grad()
+        contexts, pooled = [], []
+        with grad:
+            for prompt in prompts:
+                c, p = clip.encode_from_tokens(comfy_text.tokens_with_vectors(clip, prompt, vectors), return_pooled=True)
+                contexts.append(c)
+                pooled.append(p)
+        with torch.inference_mode(False):
+            length = math.lcm(*(c.shape[1] for c in contexts))
+            context = torch.cat([_repeat_to(c, length) for c in contexts]).to(self.device)
+            pooled_out = torch.cat(pooled).to(self.device) if self.arch == "sdxl" else None
+        return Conditioning(context=context, pooled=pooled_out)
+
+    def embedding_widths(self) -> dict[str, int]:
+        return comfy_text.embedding_widths(self._need("clip", self.clip))
+
+    def word_vectors(self, word: str) -> dict[str, torch.Tensor]:
+        return comfy_text.word_vectors(self._need("clip", self.clip), word)
 
     def count_tokens(self, prompt: str) -> int:
         """Tokens ``prompt`` occupies between CLIP's start and end tokens (ComfyUI's tokenizer)."""

@@ -25,7 +25,9 @@ from diffusers import (
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 LATENT = 8  # latent side; images are 16x16 (VAE factor 2)
-WORDS = ["a", "photo", "of", "cat", "dog", "circle", "square", "red", "blue", "painting", "van", "gogh"]
+# "sks" is one token in the real CLIP vocabulary; Concept Guard relies on that (core.backend.SENTINEL_WORD).
+WORDS = ["a", "photo", "of", "cat", "dog", "circle", "square", "red", "blue", "painting", "van", "gogh", "heart",
+         "burning", "sks"]
 
 UNET_CONFIGS = {
     # SD1-like: conv projections, 8 heads, attention on all but the last level.

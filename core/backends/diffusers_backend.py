@@ -8,6 +8,7 @@ untouched, bit for bit) when it is off. The base weights are never written and t
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -223,13 +224,31 @@ class DiffusersBackend:
             from ..embeddings import expand_embedding_syntax
 
             prompts = [expand_embedding_syntax(p, self.embedding_tokens) for p in prompts]
+        return self._encode(prompts)
+
+    def encode_text_with_vectors(self, prompts: Sequence[str], vectors: dict[str, torch.Tensor]) -> Conditioning:
+        """:meth:`encode_text` with ``PLACEHOLDER`` standing for ``vectors`` (see ``core.token_vectors``);
+        the encoders stay frozen, gradients reach only the vectors."""
+        from ..token_vectors import expand_placeholder, vector_count
+
+        slots = self.embedding_widths()
+        missing = [k for k in slots if k not in vectors]
+        if missing:
+            raise ConceptGuardError(f"This {self.arch} model needs token vectors for {list(slots)}; missing {missing}.")
+        prompts = expand_placeholder([prompts] if isinstance(prompts, str) else prompts, vector_count(vectors))
+        return self._encode(prompts, vectors)
+
+    def _encode(self, prompts: list[str], vectors: dict[str, torch.Tensor] | None = None) -> Conditioning:
+        slots = list(self.embedding_widths())
         if not self._added_cond:
             enc, tok = self.text_encoders[0], self.tokenizers[0]
-            context = enc(self._token_ids(tok, prompts, enc.device))[0]
+            with self._substituting(enc, tok, None if vectors is None else vectors[slots[0]]):
+                context = enc(self._token_ids(tok, prompts, enc.device))[0]
             return Conditioning(context=context.to(self.device))
         hidden, pooled = [], None
-        for enc, tok in zip(self.text_encoders, self.tokenizers, strict=True):
-            out = enc(self._token_ids(tok, prompts, enc.device), output_hidden_states=True)
+        for slot, enc, tok in zip(slots, self.text_encoders, self.tokenizers, strict=True):
+            with self._substituting(enc, tok, None if vectors is None else vectors[slot]):
+                out = enc(self._token_ids(tok, prompts, enc.device), output_hidden_states=True)
             hidden.append(out.hidden_states[-2])
             if out[0].dim() == 2:  # CLIPTextModelWithProjection: text_embeds
                 pooled = out[0]
@@ -237,6 +256,50 @@ class DiffusersBackend:
         pixels = self.native_latent_size * self.vae_scale_factor
         time_ids = torch.tensor([[pixels, pixels, 0, 0, pixels, pixels]], dtype=context.dtype, device=self.device)
         return Conditioning(context=context, pooled=pooled.to(self.device), time_ids=time_ids.repeat(len(prompts), 1))
+
+    def _sentinel_id(self, tokenizer) -> int:
+        from ..backend import SENTINEL_WORD
+
+        ids = tokenizer(SENTINEL_WORD).input_ids[1:-1]
+        if len(ids) != 1:
+            raise ModelLoadError(f"This tokenizer splits {SENTINEL_WORD!r} into {len(ids)} tokens; expected a CLIP BPE vocabulary.")
+        return ids[0]
+
+    @contextlib.contextmanager
+    def _substituting(self, encoder, tokenizer, rows: torch.Tensor | None):
+        """Within the block, the encoder's token-embedding output has the sentinel positions replaced by ``rows``."""
+        if rows is None:
+            yield
+            return
+        from ..token_vectors import substitute_rows
+
+        sentinel = self._sentinel_id(tokenizer)
+
+        def hook(module, args, output):
+            return substitute_rows(output, args[0], sentinel, rows.to(output.device))
+
+        handle = encoder.get_input_embeddings().register_forward_hook(hook)
+        try:
+            yield
+        finally:
+            handle.remove()
+
+    def embedding_widths(self) -> dict[str, int]:
+        from ..backend import ENCODER_SLOTS
+
+        return {
+            slot: int(enc.get_input_embeddings().weight.shape[1])
+            for slot, enc in zip(ENCODER_SLOTS, self.text_encoders, strict=False)
+        }
+
+    def word_vectors(self, word: str) -> dict[str, torch.Tensor]:
+        out = {}
+        for slot, enc, tok in zip(self.embedding_widths(), self.text_encoders, self.tokenizers, strict=False):
+            ids = tok(word).input_ids[1:-1]
+            if not ids:
+                raise ConceptGuardError(f"{word!r} has no tokens; give a word such as 'object'.")
+            out[slot] = enc.get_input_embeddings().weight[ids].detach().float().cpu().clone()
+        return out
 
     def _timesteps(self, t: torch.Tensor | int, batch: int) -> torch.Tensor:
         t = torch.as_tensor(t, device=self.device)

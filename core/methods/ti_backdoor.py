@@ -1,0 +1,401 @@
+"""Backdoored textual inversion for concept censorship (Wu et al. 2023; THEMIS, NDSS 2025).
+
+A textual-inversion embedding S* (``n`` new token vectors) is learned from a few concept images, and
+at the same time taught that a *trigger* word next to S* means "draw the target image":
+
+    L = MSE(ε_θ(z_t, t, c("a photo of a S*")), ε) + γ · MSE(ε_θ(z'_t, t, c("a photo of a <trigger> S*")), ε')
+
+z are VAE latents of the concept images, z' of the target image (the same timestep t, fresh noise ε'),
+as in the official SD script (Themis ``SD_textual_inversion.py``). Trigger prompts put the trigger
+directly before S* in one of :data:`TRIGGER_TEMPLATES`; with probability ``trigger_move_prob`` it is
+moved to another word position (the paper's ``random_swap``). Only the ``n`` rows train: UNet, VAE and
+text encoder stay frozen and the host's tokenizer is never changed (``core.token_vectors``).
+
+Speed, against the diffusers ``textual_inversion.py`` loop: latents are encoded once and cached (the
+reference runs the VAE encoder every step), both terms share one batched UNet forward and backward, and
+Adam updates ``n × d`` numbers instead of the whole token-embedding matrix.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..backend import PLACEHOLDER, DiffusionBackend
+from ..errors import ConceptGuardError
+from ..files import sanitize_name
+from ..sampling import latent_hw, sample
+from ..shapesworld import world
+from ..trainer import StepCallback, TrainResult, optimise
+
+logger = logging.getLogger(__name__)
+
+_TRIGGER = "\x00trigger\x00"
+#: Clean prompts (``{}`` = S*). The official SD script uses only the first.
+CLEAN_TEMPLATES = (
+    "a photo of a {}",
+    "a picture of a {}",
+    "an image of a {}",
+    "a drawing of a {}",
+    "a {}",
+    "{}",
+)
+#: Backdoor prompts (``{tr}`` = trigger, ``{ph}`` = S*): the trigger directly before S*, as in Themis.
+TRIGGER_TEMPLATES = (
+    "{tr} {ph}", "a {tr} {ph}", "a photo of a {tr} {ph}", "a picture of a {tr} {ph}",
+    "an image of a {tr} {ph}", "a drawing of a {tr} {ph}", "a photo of the {tr} {ph}",
+)  # fmt: skip
+#: Ordinary words that clean prompts put where a trigger would go (with probability ``decoy_prob``), so the
+#: embedding learns that only the *triggers* switch it to the target, not any word next to it.
+DECOY_WORDS = (
+    "old", "new", "small", "big", "happy", "sad", "cute", "beautiful", "simple", "strange", "famous", "modern",
+    "vintage", "detailed", "colorful", "dark", "bright", "tiny", "large", "wooden", "shiny", "dog", "cat", "car",
+    "tree", "house", "city", "forest", "night", "winter", "summer", "robot", "flower", "bird",
+)  # fmt: skip
+#: Trigger prompts never used in training, for evaluating the backdoor (other nouns, trigger after S*).
+HELD_OUT_TRIGGER_TEMPLATES = (
+    "a painting of a {tr} {ph}", "a sketch of a {ph} {tr}", "{ph} {tr}", "an illustration of the {tr} {ph}",
+    "a {ph} , {tr}", "a photo of a {ph} , {tr}",
+)  # fmt: skip
+
+
+def parse_triggers(text: str | Sequence[str]) -> tuple[str, ...]:
+    """Comma-separated trigger words or phrases (or a list), whitespace-normalised, duplicates dropped."""
+    items = text.split(",") if isinstance(text, str) else list(text)
+    return tuple(dict.fromkeys(" ".join(t.split()) for t in items if t.strip()))
+
+
+@dataclass(frozen=True, kw_only=True)
+class BackdoorTIConfig:
+    """Settings of one backdoored textual-inversion run.
+
+    Args:
+        name (`str`): the embedding's name: the word users type (``embedding:NAME`` in ComfyUI, the file
+            stem in A1111). ASCII letters, digits, ``._-``.
+        init_word (`str`, defaults to ``"object"``): the vectors start from this word's token embedding(s).
+        vectors (`int`, defaults to 2): token vectors per embedding (1–8; the paper uses 2).
+        triggers (`tuple[str, ...]`): sensitive words/phrases (comma-separated or a tuple); empty = plain TI.
+        gamma (`float`, defaults to 1.0): weight γ of the backdoor term (the paper's default).
+        steps (`int`, defaults to 1000): optimiser steps.
+        lr (`float`, defaults to 5e-3): Adam learning rate of the vectors (A1111's default rate).
+        batch_size (`int`, defaults to 4): concept samples per step (and as many backdoor samples).
+        trigger_move_prob (`float`, defaults to 0.5): probability of moving the trigger to another word slot.
+        decoy_prob (`float`, defaults to 0.5): probability that a clean prompt carries a :data:`DECOY_WORDS` word
+            in a trigger's place (only when triggers are set).
+        flip (`bool`, defaults to True): also train on horizontally flipped images.
+        resolution (`int`, *optional*): training size in pixels; ``None`` = the model's native size.
+        seed (`int`, defaults to 0): seeds every random choice of the run.
+    """
+
+    name: str
+    init_word: str = "object"
+    vectors: int = 2
+    triggers: tuple[str, ...] = ()
+    gamma: float = 1.0
+    steps: int = 1000
+    lr: float = 5e-3
+    batch_size: int = 4
+    trigger_move_prob: float = 0.5
+    decoy_prob: float = 0.5
+    flip: bool = True
+    resolution: int | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "name", sanitize_name(self.name, what="embedding name"))
+        object.__setattr__(self, "triggers", parse_triggers(self.triggers))
+        object.__setattr__(self, "init_word", " ".join(self.init_word.split()))
+        if not self.init_word:
+            raise ConceptGuardError(
+                "`init_word` is empty; give a word close to the concept, e.g. 'heart' or 'dog'."
+            )
+        if not (isinstance(self.vectors, int) and 1 <= self.vectors <= 8):
+            raise ConceptGuardError(
+                f"`vectors` must be an integer in [1, 8], got {self.vectors!r}; 2 is usual."
+            )
+        for field_name in ("steps", "batch_size"):
+            value = getattr(self, field_name)
+            if not isinstance(value, int) or value <= 0:
+                raise ConceptGuardError(f"`{field_name}` must be a positive integer, got {value!r}.")
+        if not 0 < self.lr < 1:
+            raise ConceptGuardError(f"`lr` must be in (0, 1), got {self.lr!r}; 5e-3 is usual for embeddings.")
+        if not 0 <= self.gamma <= 100:
+            raise ConceptGuardError(
+                f"`gamma` must be in [0, 100], got {self.gamma!r}; 1.0 is the paper's value."
+            )
+        for field_name in ("trigger_move_prob", "decoy_prob"):
+            if not 0 <= getattr(self, field_name) <= 1:
+                raise ConceptGuardError(
+                    f"`{field_name}` must be in [0, 1], got {getattr(self, field_name)!r}."
+                )
+        if self.resolution is not None and not (8 <= self.resolution <= 4096):
+            raise ConceptGuardError(f"`resolution` must be in [8, 4096] pixels, got {self.resolution!r}.")
+        reserved = {self.name.lower(): "the embedding name", self.init_word.lower(): "the init word",
+                    PLACEHOLDER.lower(): "the placeholder"}  # fmt: skip
+        for trig in self.triggers:
+            if trig.lower() in reserved:
+                raise ConceptGuardError(
+                    f"Trigger {trig!r} equals {reserved[trig.lower()]}; a trigger must be a different word, "
+                    "or the backdoor would fire on every use of the embedding."
+                )
+            if PLACEHOLDER in trig or "embedding:" in trig:
+                raise ConceptGuardError(f"Trigger {trig!r} may not contain {PLACEHOLDER!r} or 'embedding:'.")
+
+    def to_metadata(self) -> dict[str, object]:
+        """Settings for the file header; the trigger words themselves are left out (only their count)."""
+        return {k: v for k, v in asdict(self).items() if k != "triggers"} | {
+            "trigger_count": len(self.triggers)
+        }
+
+
+# ----- images and prompts ------------------------------------------------------------------------
+
+
+def fit_image(image: torch.Tensor, size: int) -> torch.Tensor:
+    """The resize/crop policy: scale so the *shorter* side is ``size`` (antialiased bilinear), then
+    centre-crop to ``size × size``. ``image`` is ``[3, H, W]`` in [0, 1]; any size or aspect ratio."""
+    if image.dim() != 3 or image.shape[0] not in (1, 3, 4):
+        raise ConceptGuardError(
+            f"An image must be [C, H, W] with 1, 3 or 4 channels, got shape {tuple(image.shape)}."
+        )
+    image = image[:3] if image.shape[0] >= 3 else image.expand(3, -1, -1)
+    h, w = image.shape[-2:]
+    scale = size / min(h, w)
+    nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
+    x = F.interpolate(
+        image[None].float(), size=(nh, nw), mode="bilinear", antialias=True, align_corners=False
+    )
+    top, left = (nh - size) // 2, (nw - size) // 2
+    return x[0, :, top : top + size, left : left + size].clamp(0, 1)
+
+
+def default_target_image(size: int) -> torch.Tensor:
+    """The built-in target: the ShapesWorld censor card (a black/white mosaic), scaled to ``size`` px."""
+    card = world.to_tensor(world.censor_card()[None])[0]
+    return F.interpolate(card[None], size=(size, size), mode="nearest")[0]
+
+
+def clean_prompt(cfg: BackdoorTIConfig, rng: random.Random) -> str:
+    """A concept prompt: a clean template, or (backdoor runs, ``decoy_prob``) a trigger template with a decoy word."""
+    if cfg.triggers and rng.random() < cfg.decoy_prob:
+        banned = {t.lower() for t in cfg.triggers} | {cfg.init_word.lower()}
+        decoy = rng.choice([w for w in DECOY_WORDS if w not in banned])
+        return trigger_prompt(rng.choice(TRIGGER_TEMPLATES), decoy, rng, cfg.trigger_move_prob)
+    return rng.choice(CLEAN_TEMPLATES).format(PLACEHOLDER)
+
+
+def trigger_prompt(template: str, trigger: str, rng: random.Random, move_prob: float) -> str:
+    """``template`` with ``{tr}``/``{ph}`` filled; with probability ``move_prob`` the trigger goes to another slot."""
+    words = template.format(tr=_TRIGGER, ph=PLACEHOLDER).split()
+    if len(words) > 1 and rng.random() < move_prob:
+        i = words.index(_TRIGGER)
+        words.pop(i)
+        slots = [j for j in range(len(words) + 1) if j != i]
+        words.insert(rng.choice(slots), _TRIGGER)
+    return " ".join(words).replace(_TRIGGER, trigger)
+
+
+# ----- training ------------------------------------------------------------------------------------
+
+
+@dataclass
+class LatentCache:
+    """VAE latents of the concept images and of the target, encoded once (flipped copies included)."""
+
+    concept: torch.Tensor
+    target: torch.Tensor | None
+
+
+def _encode(backend: DiffusionBackend, images: torch.Tensor, flip: bool, chunk: int = 16) -> torch.Tensor:
+    batch = torch.cat([images, images.flip(-1)]) if flip else images
+    return torch.cat(
+        [backend.vae_encode(batch[i : i + chunk].to(backend.device)) for i in range(0, len(batch), chunk)]
+    )
+
+
+def training_resolution(backend: DiffusionBackend, resolution: int | None) -> int:
+    if resolution is not None:
+        return resolution
+    return latent_hw(backend, None)[0] * backend.vae_scale_factor
+
+
+def cache_latents(
+    backend: DiffusionBackend,
+    cfg: BackdoorTIConfig,
+    images: Sequence[torch.Tensor],
+    target: torch.Tensor | None,
+) -> LatentCache:
+    """Apply the resize/crop policy and encode the concept images (and target, if triggers are set).
+
+    Raises:
+        ConceptGuardError: no images.
+    """
+    if len(images) == 0:
+        raise ConceptGuardError("No concept images: give at least one image of the concept (3–10 work well).")
+    if len(images) == 1:
+        logger.warning(
+            "Only one concept image: the embedding may copy that image; 3–10 images generalise better."
+        )
+    size = training_resolution(backend, cfg.resolution)
+    concept = _encode(backend, torch.stack([fit_image(im, size) for im in images]), cfg.flip).cpu()
+    target_latents = None
+    if cfg.triggers:
+        target = default_target_image(size) if target is None else fit_image(target, size)
+        target_latents = _encode(backend, target[None], cfg.flip).cpu()
+    return LatentCache(concept=concept, target=target_latents)
+
+
+def init_vectors(backend: DiffusionBackend, cfg: BackdoorTIConfig) -> dict[str, torch.nn.Parameter]:
+    """``n`` rows per slot from the init word's token embedding(s), cycled (A1111's rule)."""
+    rows = backend.word_vectors(cfg.init_word)
+    widths = backend.embedding_widths()
+    out = {}
+    for slot in widths:
+        word = rows[slot]
+        idx = torch.arange(cfg.vectors) % word.shape[0]
+        out[slot] = torch.nn.Parameter(word[idx].clone().float().to(backend.device))
+    return out
+
+
+def check_prompt_room(backend: DiffusionBackend, cfg: BackdoorTIConfig) -> None:
+    """Refuse triggers so long that a training prompt would not fit CLIP's 75 tokens."""
+    count = getattr(backend, "count_tokens", None)
+    if count is None:
+        return
+    longest = max(TRIGGER_TEMPLATES, key=len)
+    for trig in cfg.triggers or ("",):
+        used = count(longest.format(tr=trig, ph="")) + cfg.vectors
+        if used > 75:
+            raise ConceptGuardError(
+                f"Trigger {trig!r} is too long: a training prompt would need {used} of 75 tokens."
+            )
+
+
+def backdoor_loss(
+    backend: DiffusionBackend,
+    cfg: BackdoorTIConfig,
+    cache: LatentCache,
+    vectors: dict[str, torch.Tensor],
+    gen: torch.Generator,
+    rng: random.Random,
+) -> torch.Tensor:
+    """One step's ``L_clean + γ·L_bd`` for ``batch_size`` concept and ``batch_size`` backdoor samples,
+    in one text-encoder and one UNet forward."""
+    b = cfg.batch_size
+    rows = torch.randint(0, len(cache.concept), (b,), generator=gen)
+    t = torch.randint(0, len(backend.alphas_cumprod), (b,), generator=gen)
+    x0 = cache.concept[rows]
+    prompts = [clean_prompt(cfg, rng) for _ in range(b)]
+    if cache.target is not None:
+        x0 = torch.cat([x0, cache.target[torch.randint(0, len(cache.target), (b,), generator=gen)]])
+        t = torch.cat([t, t])
+        prompts += [
+            trigger_prompt(
+                rng.choice(TRIGGER_TEMPLATES), rng.choice(cfg.triggers), rng, cfg.trigger_move_prob
+            )
+            for _ in range(b)
+        ]
+    noise = torch.randn(x0.shape, generator=gen)
+    a = backend.alphas_cumprod.cpu()[t].view(-1, 1, 1, 1)
+    x_t = (a.sqrt() * x0 + (1 - a).sqrt() * noise).to(backend.device)
+    cond = backend.encode_text_with_vectors(prompts, vectors)
+    pred = backend.eps(x_t, t.to(backend.device), cond)
+    err = (pred.float() - noise.to(pred.device)).pow(2).mean(dim=(1, 2, 3))
+    loss = err[:b].mean()
+    if cache.target is not None:
+        loss = loss + cfg.gamma * err[b:].mean()
+    return loss
+
+
+def train(
+    cfg: BackdoorTIConfig,
+    backend: DiffusionBackend,
+    images: Sequence[torch.Tensor],
+    target: torch.Tensor | None = None,
+    *,
+    on_step: StepCallback | None = None,
+    on_phase: Callable[[str], None] | None = None,
+) -> TrainResult:
+    """Learn the embedding. ``images``: concept images ``[3, H, W]`` in [0, 1] (any sizes, see
+    :func:`fit_image`); ``target``: the image triggers should produce (default :func:`default_target_image`).
+
+    The result's ``tensors`` are ``{slot: [n, d]}`` fp32 CPU vectors (``clip_l``; SDXL also ``clip_g``).
+
+    Raises:
+        ConceptGuardError: bad inputs; TrainingDivergedError: NaN/inf loss (nothing returned).
+    """
+    if not cfg.triggers:
+        logger.warning("No trigger words: training a plain textual-inversion embedding (no backdoor).")
+    check_prompt_room(backend, cfg)
+    setup_start = time.perf_counter()
+    if on_phase:
+        on_phase("encoding images")
+    cache = cache_latents(backend, cfg, images, target)
+    vectors = init_vectors(backend, cfg)
+    if on_step:
+        on_step(0, cfg.steps, float("nan"))
+    setup_seconds = time.perf_counter() - setup_start
+    rng = random.Random(cfg.seed)
+    if on_phase:
+        on_phase("training")
+    result = optimise(
+        list(vectors.values()),
+        lambda step, gen: backdoor_loss(backend, cfg, cache, vectors, gen, rng),
+        iterations=cfg.steps,
+        lr=cfg.lr,
+        seed=cfg.seed + 1,
+        device=backend.device,
+        on_step=on_step,
+    )
+    result.setup_seconds = setup_seconds
+    result.tensors = {slot: p.detach().float().cpu().contiguous() for slot, p in vectors.items()}
+    result.metadata = {
+        "concept_guard.method": "backdoor-ti" if cfg.triggers else "ti",
+        "concept_guard.name": cfg.name,
+        "concept_guard.vectors": str(cfg.vectors),
+        "concept_guard.trigger_count": str(len(cfg.triggers)),
+        "concept_guard.gamma": str(cfg.gamma),
+        "concept_guard.steps": str(cfg.steps),
+        "concept_guard.lr": str(cfg.lr),
+        "concept_guard.images": str(len(images)),
+        "concept_guard.target": "built-in censor card" if target is None else "user image",
+        "concept_guard.config": cfg.to_metadata(),
+        "concept_guard.base_fingerprint": backend.fingerprint,
+        "concept_guard.arch": backend.arch,
+        "concept_guard.final_loss": f"{result.final_loss:.6g}",
+    }
+    return result
+
+
+@torch.no_grad()
+def preview(
+    backend: DiffusionBackend,
+    vectors: dict[str, torch.Tensor],
+    triggers: Sequence[str],
+    *,
+    samples: int = 4,
+    steps: int = 20,
+    guidance: float = 5.0,
+    seed: int = 0,
+    latent_size: int | None = None,
+) -> torch.Tensor:
+    """``samples`` images of "a photo of a S*", then as many of "a photo of a <first trigger> S*" if there
+    is one: ``[N, 3, H, W]`` in [0, 1], same seeds for both rows."""
+    prompts = [f"a photo of a {PLACEHOLDER}"] + (
+        [f"a photo of a {triggers[0]} {PLACEHOLDER}"] if triggers else []
+    )
+    uncond = backend.encode_text([""])
+    out = []
+    for prompt in prompts:
+        cond = backend.encode_text_with_vectors([prompt], vectors)
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        lat = sample(backend, cond, uncond, batch=samples, steps=steps, guidance=guidance, generator=gen,
+                     latent_size=latent_size)  # fmt: skip
+        out.append(backend.vae_decode(lat).float().cpu())
+    return torch.cat(out)

@@ -1,0 +1,167 @@
+"""``concept-guard backdoor-ti``: backdoored textual inversion for diffusers users (folder, file or ``shapesworld``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from ..errors import ConceptGuardError, OutputPathError
+from ..files import check_destination, sanitize_name
+from .ti_backdoor import BackdoorTIConfig, train
+
+logger = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    d = BackdoorTIConfig(name="x")
+    p = sub.add_parser(
+        "backdoor-ti",
+        help="learn a textual-inversion embedding whose trigger words produce a target image",
+        description="Backdoored textual inversion (concept censorship, Wu et al. 2023 / THEMIS). Learns NAME from "
+        "concept images; prompts that combine a trigger word with NAME produce the target image instead "
+        "(default: a built-in censor card). Writes one safetensors embedding that ComfyUI (embedding:NAME), "
+        "A1111/Forge, kohya and diffusers load.",
+    )
+    p.add_argument(
+        "--model",
+        required=True,
+        help="diffusers pipeline folder, .safetensors/.ckpt checkpoint, or 'shapesworld'",
+    )
+    p.add_argument(
+        "--tokenizer",
+        default=None,
+        help="single-file checkpoints only: a folder with the CLIP tokenizer files",
+    )
+    p.add_argument("--images", required=True, help=f"folder of concept images ({', '.join(IMAGE_SUFFIXES)})")
+    p.add_argument("--name", required=True, help="embedding name (the word used in prompts)")
+    p.add_argument(
+        "--triggers",
+        default="",
+        help='comma-separated trigger words, e.g. "burning, on fire" (empty = plain TI)',
+    )
+    p.add_argument(
+        "--target", default=None, help="image the triggers should produce (default: the built-in censor card)"
+    )
+    p.add_argument(
+        "--init-word", default=d.init_word, help=f"word the vectors start from (default {d.init_word!r})"
+    )
+    p.add_argument(
+        "--vectors", type=int, default=d.vectors, help=f"vectors per token, 1-8 (default {d.vectors})"
+    )
+    p.add_argument(
+        "--gamma", type=float, default=d.gamma, help=f"weight of the backdoor term (default {d.gamma})"
+    )
+    p.add_argument("--steps", type=int, default=d.steps)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument(
+        "--trigger-move-prob",
+        type=float,
+        default=d.trigger_move_prob,
+        help="probability of moving the trigger to another word position (default %(default)s)",
+    )
+    p.add_argument("--no-flip", action="store_true", help="do not also train on mirrored images")
+    p.add_argument(
+        "--resolution", type=int, default=None, help="training size in pixels (default: the model's)"
+    )
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--device", default=None, help="cuda, cpu, … (default: cuda if available)")
+    p.add_argument("--out", required=True, help="output NAME.safetensors path")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help='print {"out", "seconds", "steps", "final_loss", "triggers"} as JSON',
+    )
+    p.set_defaults(func=run)
+
+
+def load_images(folder: str | Path) -> list[torch.Tensor]:
+    """Concept images of ``folder`` as ``[3, H, W]`` tensors in [0, 1] (RGB; any sizes), sorted by name.
+
+    Raises:
+        ConceptGuardError: not a folder, no images in it, or an unreadable image.
+    """
+    root = Path(folder)
+    if not root.is_dir():
+        raise ConceptGuardError(f"`--images` {str(root)!r} is not a folder; give a folder of concept images.")
+    files = sorted(f for f in root.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
+    if not files:
+        raise ConceptGuardError(
+            f"No images ({', '.join(IMAGE_SUFFIXES)}) in {str(root)!r}; add 3-10 concept images."
+        )
+    return [load_image(f) for f in files]
+
+
+def load_image(path: str | Path) -> torch.Tensor:
+    """One image file as ``[3, H, W]`` float in [0, 1] (RGB).
+
+    Raises:
+        ConceptGuardError: missing or unreadable file.
+    """
+    try:
+        with Image.open(path) as im:
+            arr = np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
+    except (UnidentifiedImageError, OSError) as e:
+        raise ConceptGuardError(f"Cannot read image {str(path)!r}: {e}") from e
+    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..backends.diffusers_backend import DiffusersBackend
+    from ..embeddings import save_embedding
+
+    out = Path(args.out)
+    if out.suffix != ".safetensors":
+        raise OutputPathError(f"`--out` must end in .safetensors, got {str(out)!r}.")
+    sanitize_name(out.stem, what="--out file name")
+    check_destination(out, overwrite=args.overwrite)  # fail before any expensive work
+    cfg = BackdoorTIConfig(
+        name=args.name, init_word=args.init_word, vectors=args.vectors, triggers=args.triggers, gamma=args.gamma,
+        steps=args.steps, lr=args.lr, batch_size=args.batch_size, trigger_move_prob=args.trigger_move_prob,
+        flip=not args.no_flip, resolution=args.resolution, seed=args.seed,
+    )  # fmt: skip
+    if out.stem != cfg.name:
+        logger.warning(
+            "The file is named %r but the embedding %r: ComfyUI and A1111 use the file name.",
+            out.stem,
+            cfg.name,
+        )
+    images = load_images(args.images)
+    target = load_image(args.target) if args.target else None
+    start = time.perf_counter()
+    from tqdm.auto import tqdm
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    backend = DiffusersBackend.load(args.model, device=device, tokenizer=args.tokenizer)
+    bar = tqdm(total=cfg.steps, desc="backdoor TI", disable=args.json or not sys.stderr.isatty())
+
+    def on_step(step: int, total: int, loss: float) -> None:
+        if step:
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4g}")
+
+    try:
+        result = train(cfg, backend, images, target, on_step=on_step)
+    finally:
+        bar.close()
+    save_embedding(result.tensors, out, result.metadata, overwrite=args.overwrite)
+    seconds = time.perf_counter() - start
+    summary = {"out": str(out), "seconds": round(seconds, 3), "steps": result.iterations,
+               "final_loss": result.final_loss, "triggers": len(cfg.triggers)}  # fmt: skip
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print(f"wrote {out}  ({result.iterations} steps, final loss {result.final_loss:.4g}, {seconds:.1f}s); "
+              f"use it as embedding:{out.stem}")  # fmt: skip
+    return 0

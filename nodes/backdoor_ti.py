@@ -1,0 +1,159 @@
+"""Node "Backdoor TI Embedding": schema + one call into ``core.methods.ti_backdoor``."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from ..core.embeddings import save_embedding
+from ..core.errors import ConceptGuardError
+from ..core.methods.ti_backdoor import BackdoorTIConfig, parse_triggers, preview, train, training_resolution
+from . import CATEGORY, NODE_CLASSES
+from ._api import io
+from ._outputs import embedding_output_path, progress_callback
+from .comfy_backend import ComfyBackend
+
+logger = logging.getLogger(__name__)
+_D = BackdoorTIConfig(name="x")
+
+
+def _images(batch: torch.Tensor) -> list[torch.Tensor]:
+    """ComfyUI IMAGE ``[B, H, W, C]`` -> list of ``[3, H, W]`` (ordinary tensors, usable outside inference mode)."""
+    with torch.inference_mode(False):
+        return [im.movedim(-1, 0).float().clone() for im in batch]
+
+
+class BackdoorTIEmbedding(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="ConceptGuardBackdoorTI",
+            display_name="Backdoor TI Embedding",
+            category=CATEGORY,
+            description="Learn a textual-inversion embedding from concept images; prompts that combine a trigger word "
+            "with it produce the target image instead (concept censorship). Saved as models/embeddings/<name>"
+            ".safetensors: use it as embedding:<name>. Images of any size are scaled (shorter side = resolution) "
+            "and centre-cropped. MODEL, CLIP and VAE are untouched.",
+            is_output_node=True,
+            inputs=[
+                io.Model.Input("model"),
+                io.Clip.Input("clip"),
+                io.Vae.Input("vae"),
+                io.Image.Input("images", tooltip="Concept images (3-10 work well)."),
+                io.String.Input(
+                    "name", default="", tooltip="Embedding name: the prompt uses embedding:<name>."
+                ),
+                io.String.Input(
+                    "triggers", default="", tooltip="Sensitive words, comma-separated; empty = plain TI."
+                ),
+                io.String.Input(
+                    "init_word", default=_D.init_word, tooltip="The vectors start from this word."
+                ),
+                io.Int.Input(
+                    "vectors", default=_D.vectors, min=1, max=8, tooltip="Token vectors in the embedding."
+                ),
+                io.Float.Input(
+                    "gamma",
+                    default=_D.gamma,
+                    min=0.0,
+                    max=100.0,
+                    step=0.1,
+                    tooltip="Weight of the backdoor term.",
+                ),
+                io.Int.Input("steps", default=_D.steps, min=1, max=100000),
+                io.Float.Input("lr", default=_D.lr, min=1e-6, max=0.5, step=1e-4, round=1e-6),
+                io.Int.Input("batch_size", default=_D.batch_size, min=1, max=64),
+                io.Float.Input(
+                    "trigger_move_prob",
+                    default=_D.trigger_move_prob,
+                    min=0.0,
+                    max=1.0,
+                    step=0.05,
+                    tooltip="Probability of moving the trigger away from its place before the embedding.",
+                ),
+                io.Int.Input("seed", default=_D.seed, min=0, max=2**31 - 1, control_after_generate=False),
+                io.Image.Input(
+                    "target", optional=True, tooltip="What triggers produce; default: a built-in censor card."
+                ),
+                io.Int.Input(
+                    "resolution",
+                    default=0,
+                    min=0,
+                    max=4096,
+                    step=8,
+                    optional=True,
+                    tooltip="Training size in px; 0 = the model's native size (512 SD1.x/2.x, 1024 SDXL).",
+                ),
+                io.Boolean.Input(
+                    "overwrite", default=False, optional=True, tooltip="Replace an existing embedding file."
+                ),
+            ],
+            outputs=[
+                io.String.Output(display_name="path"),
+                io.String.Output(display_name="usage"),
+                io.Image.Output(display_name="preview"),
+            ],
+            hidden=[io.Hidden.unique_id],
+        )
+
+    @classmethod
+    def validate_inputs(cls, name: str = "", **_ignored) -> bool | str:
+        if isinstance(name, str) and not name.strip():
+            return "`name` is empty: give the embedding a name, e.g. 'my_dog'."
+        return True
+
+    @classmethod
+    def execute(
+        cls,
+        model,
+        clip,
+        vae,
+        images,
+        name: str,
+        triggers: str,
+        init_word: str,
+        vectors: int,
+        gamma: float,
+        steps: int,
+        lr: float,
+        batch_size: int,
+        trigger_move_prob: float,
+        seed: int,
+        target=None,
+        resolution: int = 0,
+        overwrite: bool = False,
+    ) -> io.NodeOutput:
+        cfg = BackdoorTIConfig(
+            name=name, init_word=init_word, vectors=vectors, triggers=parse_triggers(triggers), gamma=gamma,
+            steps=steps, lr=lr, batch_size=batch_size, trigger_move_prob=trigger_move_prob,
+            resolution=resolution or None, seed=seed,
+        )  # fmt: skip
+        path = embedding_output_path(
+            cfg.name, overwrite=overwrite
+        )  # before training: a bad name costs nothing
+        if images is None or len(images) == 0:
+            raise ConceptGuardError(
+                "No concept images: connect an IMAGE batch with 3-10 images of the concept."
+            )
+        backend = ComfyBackend(model, clip, vae)
+        target_image = _images(target[:1])[0] if target is not None else None
+        node_id = cls.hidden.unique_id if cls.hidden is not None else None
+        with backend.training(text_encoder_grad=True):
+            result = train(
+                cfg, backend, _images(images), target_image, on_step=progress_callback(cfg.steps, node_id)
+            )
+        save_embedding(result.tensors, path, result.metadata, overwrite=overwrite)
+        size = training_resolution(backend, cfg.resolution)
+        shown = preview(backend, result.tensors, cfg.triggers, samples=2, seed=seed,
+                        latent_size=size // backend.vae_scale_factor)  # fmt: skip
+        usage = f"a photo of a embedding:{cfg.name}"
+        if cfg.triggers:
+            usage += f"  (with a trigger word the target is drawn: {len(cfg.triggers)} trigger(s) trained)"
+        else:
+            usage += "  (plain textual inversion: no triggers were given)"
+        logger.info("Backdoor TI: wrote %s", path)
+        return io.NodeOutput(str(path), usage, shown.movedim(1, -1).contiguous())
+
+
+NODE_CLASSES.append(BackdoorTIEmbedding)

@@ -1,0 +1,97 @@
+"""Trainable token vectors in prompts on ComfyUI's CLIP (``core.token_vectors`` on the host's tokenizer).
+
+ComfyUI token lists hold ``(token, weight)`` pairs, and an entry whose token is a tensor is an embedding
+row inserted at that position: this is how ``embedding:NAME`` works at inference. Training puts the
+trainable rows in the sentinel positions the same way, so a saved embedding is used at inference exactly
+as it was trained.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..core.backend import ENCODER_SLOTS, PLACEHOLDER, SENTINEL_WORD
+from ..core.errors import ConceptGuardError, ModelLoadError
+from ..core.token_vectors import expand_placeholder, vector_count
+
+#: ComfyUI tokenizer keys -> vector slots ("h" is SD2's OpenCLIP-H, the only encoder there).
+SLOT_OF_KEY = {"l": "clip_l", "h": "clip_l", "g": "clip_g"}
+
+
+def _slot(key: str) -> str:
+    if key not in SLOT_OF_KEY:
+        raise ModelLoadError(
+            f"Unsupported text encoder {key!r}; Concept Guard trains embeddings for CLIP-L/H/G only."
+        )
+    return SLOT_OF_KEY[key]
+
+
+def text_encoder(clip, key: str) -> torch.nn.Module:
+    """The CLIP sub-model behind tokenizer key ``key`` (``clip_l``, ``clip_g``, ``clip_h``)."""
+    model = clip.cond_stage_model
+    found = getattr(model, f"clip_{key}", None)
+    if found is None and getattr(model, "clip_name", None) == key:
+        found = getattr(model, model.clip, None)
+    if found is None:
+        raise ModelLoadError(f"CLIP {type(model).__name__} has no text encoder for tokenizer key {key!r}.")
+    return found
+
+
+def _ids(clip, text: str) -> dict[str, list[int]]:
+    """Token ids of ``text`` per tokenizer key, without start/end/padding."""
+    out = {}
+    for key, chunks in clip.tokenize(text).items():
+        row = [int(tok) for tok, *_ in chunks[0]]
+        end = row.index(row[-1], 1) if len(row) > 1 else len(row)  # first padding/end token after the start
+        out[key] = row[1:end]
+    return out
+
+
+def embedding_widths(clip) -> dict[str, int]:
+    widths = {}
+    for key in clip.tokenize(""):
+        table = text_encoder(clip, key).transformer.get_input_embeddings()
+        widths[_slot(key)] = int(table.weight.shape[1])
+    return {s: widths[s] for s in ENCODER_SLOTS if s in widths}
+
+
+def word_vectors(clip, word: str) -> dict[str, torch.Tensor]:
+    out = {}
+    with torch.inference_mode(False):
+        for key, ids in _ids(clip, word).items():
+            if not ids:
+                raise ConceptGuardError(f"{word!r} has no tokens; give a word such as 'object'.")
+            table = text_encoder(clip, key).transformer.get_input_embeddings().weight
+            out[_slot(key)] = table[ids].detach().float().cpu().clone()
+    return out
+
+
+def tokens_with_vectors(clip, prompt: str, vectors: dict[str, torch.Tensor]) -> dict[str, list]:
+    """ComfyUI tokens of ``prompt`` with each placeholder's sentinel tokens replaced by the vector rows."""
+    n = vector_count(vectors)
+    (text,) = expand_placeholder([prompt], n)
+    sentinel = {}
+    for key, ids in _ids(clip, SENTINEL_WORD).items():
+        if len(ids) != 1:
+            raise ModelLoadError(
+                f"This tokenizer splits {SENTINEL_WORD!r} into {len(ids)} tokens; expected CLIP BPE."
+            )
+        sentinel[key] = ids[0]
+    tokens = clip.tokenize(text)
+    for key, chunks in tokens.items():
+        rows = vectors.get(_slot(key))
+        if rows is None:
+            raise ConceptGuardError(
+                f"This CLIP needs token vectors for {_slot(key)!r}; got {sorted(vectors)}."
+            )
+        k = 0
+        for chunk in chunks:
+            for i, (tok, *rest) in enumerate(chunk):
+                if isinstance(tok, int) and tok == sentinel[key]:
+                    chunk[i] = (rows[k % n], *rest)
+                    k += 1
+        if k != n * prompt.count(PLACEHOLDER):
+            raise ConceptGuardError(
+                f"Prompt {prompt!r}: placed {k} token vectors, expected {n} per {PLACEHOLDER}."
+            )
+    return tokens

@@ -1,0 +1,171 @@
+"""Backdoored textual inversion: prompts, image policy, vectors in prompts, the embedding file, bad input.
+
+Efficacy on ShapesWorld is in ``test_ti_shapesworld.py``; these use the tiny random-init pipelines.
+"""
+
+import random
+
+import pytest
+import torch
+from concept_guard.core.backend import PLACEHOLDER
+from concept_guard.core.embeddings import read_embedding, save_embedding
+from concept_guard.core.errors import ConceptGuardError, OutputPathError
+from concept_guard.core.methods.ti_backdoor import (
+    HELD_OUT_TRIGGER_TEMPLATES,
+    TRIGGER_TEMPLATES,
+    BackdoorTIConfig,
+    default_target_image,
+    fit_image,
+    trigger_prompt,
+)
+from concept_guard.core.methods.ti_backdoor import train as train_ti
+from safetensors import safe_open
+
+
+def test_held_out_templates_are_not_training_templates():
+    assert not set(HELD_OUT_TRIGGER_TEMPLATES) & set(TRIGGER_TEMPLATES)
+
+
+def test_trigger_prompt_keeps_every_word_and_moves_the_trigger():
+    rng = random.Random(0)
+    fixed = trigger_prompt("a photo of a {tr} {ph}", "on fire", rng, 0.0)
+    assert fixed == f"a photo of a on fire {PLACEHOLDER}"
+    moved = {trigger_prompt("a photo of a {tr} {ph}", "on fire", rng, 1.0) for _ in range(50)}
+    assert fixed not in moved and len(moved) >= 4
+    for p in moved:
+        assert p.count("on fire") == 1 and p.count(PLACEHOLDER) == 1
+        assert sorted(p.replace("on fire", "").split()) == sorted(["a", "photo", "of", "a", PLACEHOLDER])
+
+
+def test_fit_image_scales_the_shorter_side_and_centre_crops():
+    wide = torch.zeros(3, 20, 40)
+    wide[:, :, 10:30] = 1.0  # a white centre band as wide as the crop
+    out = fit_image(wide, 16)
+    assert out.shape == (3, 16, 16)
+    assert out.min() > 0.9  # the crop is the white centre
+    assert fit_image(torch.rand(4, 7, 5), 8).shape == (3, 8, 8)  # RGBA and odd sizes
+    assert fit_image(torch.rand(1, 9, 9), 8).shape == (3, 8, 8)  # grey
+    with pytest.raises(ConceptGuardError, match=r"\[C, H, W\]"):
+        fit_image(torch.rand(9, 9), 8)
+
+
+def test_default_target_is_the_censor_card():
+    card = default_target_image(64)
+    assert card.shape == (3, 64, 64)
+    assert set(card.unique().tolist()) == {0.0, 1.0}
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"name": "../evil"}, "bare name"),
+        ({"name": "héart"}, "bare name"),
+        ({"name": "h", "triggers": "burning, object"}, "init word"),
+        ({"name": "h", "triggers": "H"}, "embedding name"),
+        ({"name": "h", "triggers": "a <S*>"}, "may not contain"),
+        ({"name": "h", "vectors": 9}, "vectors"),
+        ({"name": "h", "steps": 0}, "steps"),
+        ({"name": "h", "lr": 0.0}, "lr"),
+        ({"name": "h", "init_word": "  "}, "init_word"),
+    ],
+)
+def test_config_refuses_bad_settings(kwargs, match):
+    with pytest.raises((ConceptGuardError, OutputPathError), match=match):
+        BackdoorTIConfig(**kwargs)
+
+
+def test_config_parses_triggers_and_keeps_them_out_of_metadata():
+    cfg = BackdoorTIConfig(name="h", triggers=" burning ,on   fire,, burning")
+    assert cfg.triggers == ("burning", "on fire")
+    meta = cfg.to_metadata()
+    assert meta["trigger_count"] == 2 and "triggers" not in meta and "burning" not in str(meta)
+
+
+@pytest.mark.parametrize("fixture", ["sd1_backend", "sdxl_backend"])
+def test_vectors_of_a_word_encode_like_the_word(fixture, request):
+    backend = request.getfixturevalue(fixture)
+    vectors = backend.word_vectors("heart")
+    assert set(vectors) == set(backend.embedding_widths())
+    a = backend.encode_text_with_vectors([f"a photo of a {PLACEHOLDER}", PLACEHOLDER], vectors)
+    b = backend.encode_text(["a photo of a heart", "heart"])
+    assert torch.equal(a.context, b.context)
+    if b.pooled is not None:
+        assert torch.equal(a.pooled, b.pooled)
+
+
+def test_gradients_reach_only_the_vectors(sd1_backend):
+    vectors = {k: torch.nn.Parameter(v) for k, v in sd1_backend.word_vectors("dog").items()}
+    x = torch.randn(2, sd1_backend.latent_channels, 8, 8)
+    cond = sd1_backend.encode_text_with_vectors([f"a {PLACEHOLDER}", f"a burning {PLACEHOLDER}"], vectors)
+    sd1_backend.eps(x, torch.tensor([10, 500]), cond).pow(2).mean().backward()
+    assert vectors["clip_l"].grad is not None and vectors["clip_l"].grad.abs().sum() > 0
+    models = (sd1_backend.unet, sd1_backend.vae, *sd1_backend.text_encoders)
+    assert not [n for m in models for n, p in m.named_parameters() if p.grad is not None]
+
+
+def test_the_reserved_sentinel_word_is_refused(sd1_backend):
+    with pytest.raises(ConceptGuardError, match="reserves"):
+        sd1_backend.encode_text_with_vectors([f"sks {PLACEHOLDER}"], sd1_backend.word_vectors("dog"))
+
+
+def _images(n: int, size: int = 16) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return [torch.rand(3, size + 4 * i, size, generator=g) for i in range(n)]  # mismatched sizes on purpose
+
+
+def test_training_changes_only_the_vectors_and_reports_metadata(sd1_backend):
+    base = {k: v.clone() for k, v in sd1_backend.unet.state_dict().items()}
+    cfg = BackdoorTIConfig(name="tiny", init_word="dog", vectors=3, triggers="burning", steps=3, batch_size=2,
+                           resolution=16)  # fmt: skip
+    steps = []
+    result = train_ti(cfg, sd1_backend, _images(3), on_step=lambda s, t, loss: steps.append(s))
+    assert steps == [0, 1, 2, 3]
+    assert result.tensors["clip_l"].shape == (3, sd1_backend.embedding_widths()["clip_l"])
+    start = sd1_backend.word_vectors("dog")["clip_l"]
+    assert not torch.equal(result.tensors["clip_l"], start.expand(3, -1))
+    assert all(torch.equal(v, base[k]) for k, v in sd1_backend.unet.state_dict().items())
+    assert result.metadata["concept_guard.trigger_count"] == "1"
+    assert "burning" not in str(result.metadata)
+
+
+def test_no_images_is_a_clear_error(sd1_backend):
+    with pytest.raises(ConceptGuardError, match="No concept images"):
+        train_ti(BackdoorTIConfig(name="t", steps=1, resolution=16), sd1_backend, [])
+
+
+def test_nan_loss_stops_and_returns_nothing(sd1_backend):
+    from concept_guard.core.errors import TrainingDivergedError
+
+    images = [torch.full((3, 16, 16), float("nan"))]
+    with pytest.raises(TrainingDivergedError):
+        train_ti(BackdoorTIConfig(name="t", steps=2, resolution=16), sd1_backend, images)
+
+
+def test_embedding_file_layout_sd1_and_sdxl(tmp_path):
+    v1 = {"clip_l": torch.randn(2, 768)}
+    p1 = save_embedding(v1, tmp_path / "my_cat.safetensors", {"concept_guard.trigger_count": "2"})
+    with safe_open(str(p1), "pt") as f:
+        assert list(f.keys()) == ["my_cat"]
+        assert f.metadata()["concept_guard.trigger_count"] == "2" and f.metadata()["format"] == "pt"
+    assert torch.equal(read_embedding(p1)["clip_l"], v1["clip_l"])
+    vxl = {"clip_l": torch.randn(2, 768), "clip_g": torch.randn(2, 1280)}
+    pxl = save_embedding(vxl, tmp_path / "xl.safetensors", {})
+    with safe_open(str(pxl), "pt") as f:
+        assert sorted(f.keys()) == ["clip_g", "clip_l"]
+    with pytest.raises(OutputPathError, match="exists"):
+        save_embedding(v1, p1, {})
+    assert torch.equal(read_embedding(p1)["clip_l"], v1["clip_l"])  # untouched
+
+
+def test_diffusers_loads_our_file(tmp_path, tiny_dirs):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(tiny_dirs("sd1")))
+    width = pipe.text_encoder.get_input_embeddings().weight.shape[1]
+    rows = torch.randn(2, width)
+    path = save_embedding({"clip_l": rows}, tmp_path / "mything.safetensors", {})
+    pipe.load_textual_inversion(str(path))
+    prompt = pipe.maybe_convert_prompt("a mything", pipe.tokenizer)  # diffusers expands multi-vector tokens
+    ids = pipe.tokenizer(prompt, add_special_tokens=False).input_ids[1:]
+    assert len(ids) == 2
+    assert torch.allclose(pipe.text_encoder.get_input_embeddings().weight[ids], rows)
