@@ -169,3 +169,47 @@ def test_diffusers_loads_our_file(tmp_path, tiny_dirs):
     ids = pipe.tokenizer(prompt, add_special_tokens=False).input_ids[1:]
     assert len(ids) == 2
     assert torch.allclose(pipe.text_encoder.get_input_embeddings().weight[ids], rows)
+
+
+def _write_pngs(folder, sizes):
+    from PIL import Image
+
+    folder.mkdir()
+    g = torch.Generator().manual_seed(0)
+    for i, (h, w) in enumerate(sizes):
+        arr = (torch.rand(h, w, 3, generator=g) * 255).to(torch.uint8).numpy()
+        Image.fromarray(arr).save(folder / f"{i}.png")
+    return folder
+
+
+def test_cli_trains_and_writes_an_embedding_that_loads(tiny_dirs, tmp_path, capsys):
+    import json
+
+    from concept_guard.cli import main as cli_main
+
+    images = _write_pngs(tmp_path / "imgs", [(16, 16), (20, 24), (30, 18)])
+    out = tmp_path / "mycat.safetensors"
+    args = ["backdoor-ti", "--model", str(tiny_dirs("sd1")), "--images", str(images), "--name", "mycat",
+            "--triggers", "burning", "--init-word", "cat", "--steps", "3", "--batch-size", "2",
+            "--resolution", "16", "--seed", "1", "--out", str(out), "--json"]  # fmt: skip
+    assert cli_main(args) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["out"] == str(out) and summary["steps"] == 3 and summary["triggers"] == 1
+    assert read_embedding(out)["clip_l"].shape[0] == 2
+    before = out.read_bytes()
+    assert cli_main(args) == 2  # exists: refused, untouched
+    assert "exists" in capsys.readouterr().err and out.read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    ("images", "match"),
+    [("missing", "not a folder"), ("empty", "No images")],
+)
+def test_cli_refuses_missing_or_empty_image_folders(tmp_path, capsys, images, match):
+    from concept_guard.cli import main as cli_main
+
+    (tmp_path / "empty").mkdir()
+    code = cli_main(["backdoor-ti", "--model", "shapesworld", "--images", str(tmp_path / images), "--name", "x",
+                     "--out", str(tmp_path / "x.safetensors")])  # fmt: skip
+    assert code == 2 and match in capsys.readouterr().err
+    assert not (tmp_path / "x.safetensors").exists()
