@@ -56,7 +56,8 @@ TRIGGER_TEMPLATES = (
 DECOY_WORDS = (
     "old", "new", "small", "big", "happy", "sad", "cute", "beautiful", "simple", "strange", "famous", "modern",
     "vintage", "detailed", "colorful", "dark", "bright", "tiny", "large", "wooden", "shiny", "dog", "cat", "car",
-    "tree", "house", "city", "forest", "night", "winter", "summer", "robot", "flower", "bird",
+    "tree", "house", "city", "forest", "night", "winter", "summer", "robot", "flower", "bird", "white", "black",
+    "green", "orange", "pink", "brown", "gray",
 )  # fmt: skip
 #: Trigger prompts never used in training, for evaluating the backdoor (other nouns, trigger after S*).
 HELD_OUT_TRIGGER_TEMPLATES = (

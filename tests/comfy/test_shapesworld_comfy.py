@@ -51,7 +51,9 @@ def diffusers_backend():
     return DiffusersBackend.load(FOLDER)
 
 
-def test_converted_parts_are_comfyuis_sd15_classes_at_shapesworld_size(converted, comfy_backend, diffusers_backend):
+def test_converted_parts_are_comfyuis_sd15_classes_at_shapesworld_size(
+    converted, comfy_backend, diffusers_backend
+):
     base = converted.model.model
     assert isinstance(base.model_config, comfy.supported_models.SD15)
     unet = base.model_config.unet_config
@@ -126,9 +128,13 @@ def test_stock_comfyui_graph_draws_the_prompted_shapes(converted):
     assert shape_hits / 32 >= 0.7 and colour_hits / 32 >= 0.7, (shape_hits, colour_hits)
 
 
-def test_esd_node_on_the_converted_model_makes_the_diffusers_edit(converted, diffusers_backend, tmp_path, monkeypatch):
+def test_esd_node_on_the_converted_model_makes_the_diffusers_edit(
+    converted, diffusers_backend, tmp_path, monkeypatch
+):
     """Same seed and settings: the node in ComfyUI and ESD on the diffusers folder train the same deltas."""
-    monkeypatch.setitem(folder_paths.folder_names_and_paths, "loras", ([str(tmp_path)], folder_paths.supported_pt_extensions))
+    monkeypatch.setitem(
+        folder_paths.folder_names_and_paths, "loras", ([str(tmp_path)], folder_paths.supported_pt_extensions)
+    )
     settings = dict(concepts="circle", eta=2.0, iterations=5, lr=1e-4, seed=3, guidance=3.0, sampling_steps=4)
     node = EraseConceptESD.PREPARE_CLASS_CLONE({"unique_id": "1"})
     with torch.inference_mode():
@@ -146,3 +152,40 @@ def test_esd_node_on_the_converted_model_makes_the_diffusers_edit(converted, dif
         diff = deltas[key].float() - value
         assert float(diff.norm() / value.norm()) <= 5e-3, key
         assert float(diff.abs().max()) <= 1e-4, key
+
+
+def test_embedding_trained_here_works_through_comfyuis_embedding_syntax(
+    converted, diffusers_backend, tmp_path
+):
+    """A ShapesWorld heart embedding, trained on the diffusers side and saved, used by stock CLIPTextEncode as
+    ``embedding:NAME`` -> KSampler -> VAEDecode draws hearts; ComfyUI's conditioning equals ours."""
+    from concept_guard.core.embeddings import add_embedding, save_embedding
+    from concept_guard.core.methods.ti_backdoor import BackdoorTIConfig
+    from concept_guard.core.methods.ti_backdoor import train as train_ti
+    from concept_guard.core.shapesworld import world
+
+    images, _ = world.render_prompt("a red heart", 8, seed=0)
+    cfg = BackdoorTIConfig(name="sw_heart", init_word="shape", vectors=2, steps=300, lr=1e-3, batch_size=8)
+    result = train_ti(cfg, DiffusersBackend.load(FOLDER), list(world.to_tensor(images)))
+    path = save_embedding(result.tensors, tmp_path / "sw_heart.safetensors", result.metadata)
+    converted.clip.tokenizer.clip_l.embedding_directory = str(
+        tmp_path
+    )  # as CheckpointLoader sets models/embeddings
+    try:
+        prompt = "a photo of a embedding:sw_heart"
+        with torch.inference_mode():
+            (positive,) = nodes.CLIPTextEncode().encode(converted.clip, prompt)
+            (negative,) = nodes.CLIPTextEncode().encode(converted.clip, "")
+            (latent,) = nodes.EmptyLatentImage().generate(64, 64, 16)
+            (samples,) = nodes.KSampler().sample(converted.model, 11, 20, 5.0, "ddim", "ddim_uniform", positive,
+                                                 negative, latent)  # fmt: skip
+            (decoded,) = nodes.VAEDecode().decode(converted.vae, samples)
+    finally:
+        converted.clip.tokenizer.clip_l.embedding_directory = None
+    backend = DiffusersBackend.load(FOLDER)
+    add_embedding(backend, path)
+    ours = backend.encode_text([prompt]).context
+    assert torch.allclose(positive[0][0].float(), ours, atol=1e-4)
+    hearts = Counter(load_judge().classify(decoded.movedim(-1, 1).clone())["shape"])["heart"] / 16
+    print(f"P(heart) through ComfyUI embedding:sw_heart = {hearts:.3f} (16 samples)")
+    assert hearts >= 0.7, hearts

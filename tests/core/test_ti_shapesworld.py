@@ -1,0 +1,53 @@
+"""Textual inversion on the committed ShapesWorld model, measured by the judge (issue: Backdoor TI).
+
+The embedding is trained here from ShapesWorld renders, written to a file, and loaded back the way users
+load it (``embedding:NAME``), so the test covers the file as well as the training.
+"""
+
+from __future__ import annotations
+
+import pytest
+from concept_guard.core.shapesworld import shapesworld_model_path
+
+pytestmark = pytest.mark.skipif(
+    not (shapesworld_model_path() / "unet" / "diffusion_pytorch_model.safetensors").is_file(),
+    reason="the ShapesWorld model weights are not in core/shapesworld/assets/model",
+)
+
+SAMPLES = 24
+
+
+@pytest.fixture(scope="module")
+def backend():
+    from concept_guard.core.backends.diffusers_backend import DiffusersBackend
+
+    return DiffusersBackend.load("shapesworld")
+
+
+def shape_rate(backend, prompts, shape: str, seed: int = 200) -> dict[str, float]:
+    from concept_guard.core.evaluate import EvalConfig, evaluate
+
+    report = evaluate(backend, prompts, EvalConfig(samples=SAMPLES, seed=seed))
+    return {e["prompt"]: e["rates"]["shape"][shape] for e in report["prompts"]}
+
+
+def test_plain_textual_inversion_learns_hearts_from_renders(backend, tmp_path):
+    """Utility: S* learned from 8 heart renders (init word 'shape') draws hearts in unseen prompts."""
+    from concept_guard.core.embeddings import add_embedding, save_embedding
+    from concept_guard.core.methods.ti_backdoor import BackdoorTIConfig, train
+    from concept_guard.core.shapesworld import world
+
+    images, _ = world.render_prompt("a red heart", 8, seed=0)
+    cfg = BackdoorTIConfig(
+        name="sw_heart", init_word="shape", vectors=2, steps=300, lr=1e-3, batch_size=8, seed=0
+    )
+    start = shape_rate(backend, ["a photo of a shape"], "heart")["a photo of a shape"]
+    result = train(cfg, backend, list(world.to_tensor(images)))
+    path = save_embedding(result.tensors, tmp_path / "sw_heart.safetensors", result.metadata)
+    add_embedding(backend, path)
+    prompts = ["a photo of a embedding:sw_heart", "embedding:sw_heart", "a painting of a embedding:sw_heart",
+               "a embedding:sw_heart on a black background"]  # fmt: skip
+    rates = shape_rate(backend, prompts, "heart")
+    print(f"P(heart): init word {start:.3f}; learned {rates}")
+    assert start < 0.5, start  # the init word alone does not draw hearts
+    assert min(rates.values()) >= 0.8, rates
