@@ -19,51 +19,14 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
-import threading
-import time
 
 import torch
 import torch.nn.functional as F
+from _common import build_backend, device_name, timed  # sibling module (run as a script)
 from concept_guard.core.backends.diffusers_backend import DiffusersBackend
 from concept_guard.core.methods.esd import ESDConfig, train
 from concept_guard.core.sampling import ddim_scheduler
 from concept_guard.core.seeding import seed_everything
-
-
-class PeakMemory:
-    """Peak memory of a block: CUDA allocator peak, or sampled RSS growth on CPU."""
-
-    def __init__(self, device: torch.device):
-        self.device, self.peak, self._stop = device, 0, threading.Event()
-
-    @staticmethod
-    def _rss() -> int:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-    def _poll(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self._rss() - self._base)
-            time.sleep(0.002)
-
-    def __enter__(self) -> PeakMemory:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        else:
-            self._base = self._rss()
-            self._thread = threading.Thread(target=self._poll, daemon=True)
-            self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            self.peak = torch.cuda.max_memory_allocated()
-        else:
-            self._stop.set()
-            self._thread.join()
 
 
 def reference_loop(backend: DiffusersBackend, cfg: ESDConfig, latent_size: int) -> None:
@@ -98,24 +61,6 @@ def reference_loop(backend: DiffusersBackend, cfg: ESDConfig, latent_size: int) 
     del esd_unet, opt
 
 
-def build_backend(model: str, device: torch.device) -> DiffusersBackend:
-    if model == "sd15-random":
-        from sd15_random import sd15_random_pipeline  # sibling module (run as a script)
-
-        return DiffusersBackend.from_pipeline(sd15_random_pipeline().to(device))
-    return DiffusersBackend.load(model, device=device)
-
-
-def timed(fn, device: torch.device) -> dict:
-    with PeakMemory(device) as mem:
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - start
-    return {"seconds": round(seconds, 3), "peak_mem_bytes": int(mem.peak)}
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="shapesworld", help="'shapesworld', 'sd15-random', or a pipeline folder/file")
@@ -134,12 +79,12 @@ def main() -> None:
     iterations = args.iterations or (10 if cpu_big else 200)
     cfg = ESDConfig(concepts=("circle",) if args.model == "shapesworld" else ("a photo of a dog",),
                     iterations=iterations, seed=args.seed, latent_size=latent)
-    ref = timed(lambda: reference_loop(backend, cfg, latent), device)
-    ours = timed(lambda: train(cfg, backend), device)
+    ref, _ = timed(lambda: reference_loop(backend, cfg, latent), device)
+    ours, _ = timed(lambda: train(cfg, backend), device)
     for r in (ref, ours):
         r["it_per_s"] = round(iterations / r["seconds"], 4)
     result = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
+        "device": device_name(device),
         "model": args.model, "iterations": iterations, "latent_size": latent,
         "reference": ref, "ours": ours, "speedup": round(ours["it_per_s"] / ref["it_per_s"], 2),
     }
