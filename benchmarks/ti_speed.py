@@ -1,0 +1,330 @@
+"""Backdoor-TI speed: the diffusers textual-inversion loop (reimplemented) against ours, in one process.
+
+The reference is diffusers' ``examples/textual_inversion/textual_inversion.py`` training step with
+the THEMIS backdoor term added the way the official ``SD_textual_inversion.py`` does it: per step a
+clean batch ("a photo of a S*") and a backdoor batch (the target image, a trigger prompt) each get
+their own VAE encode (``latent_dist.sample()``), ``DDPMScheduler.add_noise``, text-encoder and UNet
+forward and backward into the same gradients; then AdamW (weight decay 1e-2) over the whole
+token-embedding matrix of a copy of the text encoder with S* added as new tokens
+(``resize_token_embeddings``), and every non-placeholder row is restored (``index_no_updates``). Its
+images go through the script's per-sample pipeline (PIL bicubic resize, random flip, per-sample
+tokenization). Ours is ``concept_guard.core.methods.ti_backdoor.train``: latents cached once, one
+batched text-encoder + UNet forward/backward for both terms, Adam over the ``n`` new rows only.
+
+Both get the same model, device, images (ShapesWorld renders of "a red heart"), target (the default
+censor card), triggers, vectors, lr, batch size (per term) and steps. Times include setup (the
+reference's tokenizer/encoder copy and resize, our latent caching). The loss is L_clean + γ·L_bd per
+step; the table gives its mean over the first and last 10 % of steps. The two training losses differ
+by construction (the reference adds VAE-posterior noise to every latent, ours uses the posterior mode,
+which on ShapesWorld roughly halves the loss), so both learned embeddings are also scored on one fixed
+held-out set ("eval loss", next to that of the initial vectors).
+
+    python benchmarks/ti_speed.py --model shapesworld             # ~1.5 min on one CPU thread
+    python benchmarks/ti_speed.py --model sd15-random --device cuda --json
+
+On a CPU shared with other work, set OMP_NUM_THREADS to the free cores (1 beside a busy job): with
+more threads than free cores every parallel op waits for a descheduled thread, and the reference,
+with about twice as many (smaller) ops per step, is slowed far more than ours.
+
+Peak memory: see ``_common.PeakMemory`` (CUDA allocator peak; sampled RSS growth on CPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import json
+import random
+import time
+from dataclasses import replace
+
+import numpy as np
+import PIL.Image
+import torch
+import torch.nn.functional as F
+from _common import build_backend, device_name, timed  # sibling module (run as a script)
+from concept_guard.core.backend import PLACEHOLDER
+from concept_guard.core.backends.diffusers_backend import DiffusersBackend
+from concept_guard.core.methods.ti_backdoor import (
+    TRIGGER_TEMPLATES,
+    BackdoorTIConfig,
+    cache_latents,
+    default_target_image,
+    init_vectors,
+    train,
+    trigger_prompt,
+)
+from concept_guard.core.seeding import seed_everything
+from concept_guard.core.shapesworld import world
+from diffusers import DDPMScheduler
+from diffusers.optimization import get_scheduler
+
+CONCEPT_PROMPT = "a red heart"
+IMAGES = 8
+
+
+class ReferenceData:
+    """The script's ``TextualInversionDataset.__getitem__``: PIL image -> bicubic resize -> random flip ->
+    [-1, 1] pixels; each prompt tokenized on its own (``padding="max_length"``)."""
+
+    def __init__(self, tokenizer, size: int):
+        self.tokenizer, self.size = tokenizer, size
+
+    def pixels(self, image: PIL.Image.Image) -> torch.Tensor:
+        image = image.resize((self.size, self.size), resample=PIL.Image.Resampling.BICUBIC)
+        if random.random() < 0.5:  # transforms.RandomHorizontalFlip(p=0.5)
+            image = image.transpose(PIL.Image.Transpose.FLIP_LEFT_RIGHT)
+        array = (np.array(image).astype(np.uint8) / 127.5 - 1.0).astype(np.float32)
+        return torch.from_numpy(array).permute(2, 0, 1)
+
+    def ids(self, text: str) -> torch.Tensor:
+        return self.tokenizer(
+            text, padding="max_length", truncation=True, max_length=self.tokenizer.model_max_length,
+            return_tensors="pt",
+        ).input_ids[0]  # fmt: skip
+
+
+def reference_loop(
+    backend: DiffusersBackend,
+    cfg: BackdoorTIConfig,
+    images: np.ndarray,
+    target: np.ndarray,
+    size: int,
+    mixed_precision: str = "no",
+) -> tuple[list[float], float, dict[str, torch.Tensor]]:
+    """diffusers ``textual_inversion.py`` + the Themis backdoor term on the backend's UNet and VAE and a
+    deep copy of its tokenizer and text encoder; returns the loss (clean + γ·backdoor) per step, the
+    setup seconds (copy, add tokens, resize, optimizer) and the learned rows ``{"clip_l": [n, d]}``."""
+    start = time.perf_counter()
+    device, unet, vae = backend.device, backend.unet, backend.vae
+    tokenizer = copy.deepcopy(backend.tokenizers[0])
+    text_encoder = copy.deepcopy(backend.text_encoders[0])
+    noise_scheduler = DDPMScheduler.from_config(backend.scheduler_config)
+
+    placeholder_tokens = [f"<{cfg.name}>"] + [f"<{cfg.name}>_{i}" for i in range(1, cfg.vectors)]
+    if tokenizer.add_tokens(placeholder_tokens) != cfg.vectors:
+        raise ValueError(f"The tokenizer already contains {placeholder_tokens[0]}.")
+    initializer_ids = tokenizer.encode(cfg.init_word, add_special_tokens=False)
+    if len(initializer_ids) > 1:
+        raise ValueError("The initializer token must be a single token.")
+    placeholder_ids = tokenizer.convert_tokens_to_ids(placeholder_tokens)
+    text_encoder.resize_token_embeddings(len(tokenizer))
+    token_embeds = text_encoder.get_input_embeddings().weight.data
+    with torch.no_grad():
+        for token_id in placeholder_ids:
+            token_embeds[token_id] = token_embeds[initializer_ids[0]].clone()
+    vae.requires_grad_(False)
+    unet.requires_grad_(False)
+    text_model = getattr(text_encoder, "text_model", text_encoder)  # transformers 5 dropped the wrapper
+    text_model.encoder.requires_grad_(False)
+    text_model.final_layer_norm.requires_grad_(False)
+    text_model.embeddings.position_embedding.requires_grad_(False)
+    text_encoder.get_input_embeddings().requires_grad_(True)
+    optimizer = torch.optim.AdamW(
+        text_encoder.get_input_embeddings().parameters(),
+        lr=cfg.lr,
+        betas=(0.9, 0.999),
+        weight_decay=1e-2,
+        eps=1e-8,
+    )
+    lr_scheduler = get_scheduler("constant", optimizer=optimizer)
+    placeholder = " ".join(tokenizer.convert_ids_to_tokens(placeholder_ids))
+    orig_embeds_params = text_encoder.get_input_embeddings().weight.data.clone()
+    data = ReferenceData(tokenizer, size)
+    concept_pil = [PIL.Image.fromarray(im) for im in images]
+    target_pil = PIL.Image.fromarray(target)
+    rng = random.Random(cfg.seed)
+    autocast = (
+        torch.autocast(device.type, dtype=torch.bfloat16)
+        if mixed_precision == "bf16"
+        else contextlib.nullcontext()
+    )
+
+    def term(pixel_values, input_ids, timesteps):
+        latents = vae.encode(pixel_values.to(device, dtype=vae.dtype)).latent_dist.sample().detach()
+        latents = latents * vae.config.scaling_factor
+        noise = torch.randn_like(latents)
+        noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
+        encoder_hidden_states = text_encoder(input_ids.to(device))[0].to(dtype=unet.dtype)
+        model_pred = unet(noisy_latents, timesteps, encoder_hidden_states).sample
+        if noise_scheduler.config.prediction_type == "epsilon":
+            target_ = noise
+        elif noise_scheduler.config.prediction_type == "v_prediction":
+            target_ = noise_scheduler.get_velocity(latents, noise, timesteps)
+        else:
+            raise ValueError(f"Unknown prediction type {noise_scheduler.config.prediction_type}")
+        return F.mse_loss(model_pred.float(), target_.float(), reduction="mean")
+
+    losses = []
+    setup_seconds = time.perf_counter() - start
+    text_encoder.train()
+    for _ in range(cfg.steps):
+        b = cfg.batch_size
+        picks = [random.randrange(len(concept_pil)) for _ in range(b)]  # shuffled DataLoader
+        pixel_values = torch.stack([data.pixels(concept_pil[i]) for i in picks])
+        input_ids = torch.stack([data.ids(f"a photo of a {placeholder}") for _ in range(b)])
+        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (b,), device=device).long()
+        with autocast:
+            clean_loss = term(pixel_values, input_ids, timesteps)
+        clean_loss.backward()
+        loss = clean_loss.detach().item()
+        if cfg.triggers:  # the Themis term: target image, trigger prompts, same t, fresh noise
+            target_pixels = torch.stack([data.pixels(target_pil) for _ in range(b)])
+            triggered = [
+                trigger_prompt(
+                    rng.choice(TRIGGER_TEMPLATES), rng.choice(cfg.triggers), rng, cfg.trigger_move_prob
+                )
+                for _ in range(b)
+            ]
+            triggered_ids = torch.stack([data.ids(p.replace(PLACEHOLDER, placeholder)) for p in triggered])
+            with autocast:
+                backdoor_loss = cfg.gamma * term(target_pixels, triggered_ids, timesteps)
+            backdoor_loss.backward()
+            loss += backdoor_loss.detach().item()
+        optimizer.step()
+        lr_scheduler.step()
+        optimizer.zero_grad()
+        index_no_updates = torch.ones((len(tokenizer),), dtype=torch.bool)
+        index_no_updates[min(placeholder_ids) : max(placeholder_ids) + 1] = False
+        with torch.no_grad():
+            text_encoder.get_input_embeddings().weight[index_no_updates] = orig_embeds_params[
+                index_no_updates
+            ]
+        losses.append(loss)
+    learned = text_encoder.get_input_embeddings().weight[placeholder_ids].detach().float().cpu()
+    return losses, setup_seconds, {"clip_l": learned}
+
+
+@torch.no_grad()
+def held_out_loss(
+    backend: DiffusersBackend,
+    cfg: BackdoorTIConfig,
+    images: list[torch.Tensor],
+    vectors: dict[str, torch.Tensor],
+    samples: int = 32,
+) -> float:
+    """L_clean + γ·L_bd of ``vectors`` on one fixed set, the same for both loops (their training losses
+    differ by construction: the reference samples the VAE posterior, ours uses its mode): posterior-mode
+    latents, "a photo of a S*" / "a photo of a <trigger> S*", evenly spaced t, seeded noise."""
+    cache = cache_latents(backend, replace(cfg, flip=False), images, None)
+    t = torch.linspace(0, len(backend.alphas_cumprod) - 1, samples).long()
+    a = backend.alphas_cumprod.cpu()[t].view(-1, 1, 1, 1)
+    idx = torch.arange(samples)
+    terms = [(1.0, cache.concept[idx % len(cache.concept)], [f"a photo of a {PLACEHOLDER}"] * samples)]
+    if cache.target is not None:
+        prompts = [
+            f"a photo of a {cfg.triggers[i % len(cfg.triggers)]} {PLACEHOLDER}" for i in range(samples)
+        ]
+        terms.append((cfg.gamma, cache.target[idx % len(cache.target)], prompts))
+    gen = torch.Generator().manual_seed(1234)
+    total = 0.0
+    for weight, x0, prompts in terms:
+        noise = torch.randn(x0.shape, generator=gen)
+        x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        errs = []
+        for i in range(0, samples, 16):
+            cond = backend.encode_text_with_vectors(prompts[i : i + 16], vectors)
+            pred = backend.eps(x_t[i : i + 16], t[i : i + 16].to(backend.device), cond)
+            errs.append((pred.float().cpu() - noise[i : i + 16]).pow(2).mean(dim=(1, 2, 3)))
+        total += weight * float(torch.cat(errs).mean())
+    return round(total, 5)
+
+
+def curve(losses: list[float]) -> dict:
+    """Mean loss over the first and the last 10 % of steps (at least one step each)."""
+    k = max(1, len(losses) // 10)
+    return {
+        "loss_first_10pct": round(float(np.mean(losses[:k])), 5),
+        "loss_last_10pct": round(float(np.mean(losses[-k:])), 5),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument(
+        "--model", default="shapesworld", help="'shapesworld', 'sd15-random', or a pipeline folder/file"
+    )
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument(
+        "--steps", type=int, default=None, help="default: 200 (shapesworld, GPU) / 5 (sd15-random on CPU)"
+    )
+    ap.add_argument(
+        "--batch-size", type=int, default=4, help="samples per term (clean and backdoor) per step"
+    )
+    ap.add_argument(
+        "--resolution", type=int, default=None, help="pixels; default native (GPU or shapesworld), 128 on CPU"
+    )
+    ap.add_argument("--vectors", type=int, default=2)
+    ap.add_argument("--lr", type=float, default=5e-3)
+    ap.add_argument("--triggers", default="burning,on fire")
+    ap.add_argument(
+        "--init-word", default="object", help="a single CLIP token (the diffusers script requires one)"
+    )
+    ap.add_argument(
+        "--reference-mixed-precision", choices=("no", "bf16"), default="no",
+        help="the script's --mixed_precision for the reference (autocast; CUDA only). Ours uses bf16 autocast on CUDA.",
+    )  # fmt: skip
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    if args.reference_mixed_precision != "no" and device.type != "cuda":
+        ap.error("--reference-mixed-precision bf16 needs a CUDA device")
+    seed_everything(args.seed)
+    backend = build_backend(args.model, device)
+    cpu_big = device.type == "cpu" and args.model == "sd15-random"
+    size = args.resolution or (128 if cpu_big else backend.native_latent_size * backend.vae_scale_factor)
+    steps = args.steps or (5 if cpu_big else 200)
+    cfg = BackdoorTIConfig(
+        name="heart", init_word=args.init_word, vectors=args.vectors, triggers=args.triggers, steps=steps,
+        lr=args.lr, batch_size=args.batch_size, resolution=size, seed=args.seed,
+    )  # fmt: skip
+    images, _ = world.render_prompt(CONCEPT_PROMPT, IMAGES, seed=args.seed)
+    target = world.to_uint8(default_target_image(size)[None])[0]
+
+    seed_everything(args.seed)
+    ref, (ref_losses, ref_setup, ref_vectors) = timed(
+        lambda: reference_loop(backend, cfg, images, target, size, args.reference_mixed_precision), device
+    )
+    ref["setup_seconds"] = round(ref_setup, 3)
+    seed_everything(args.seed)
+    concept = list(world.to_tensor(images))
+    ours, trained = timed(lambda: train(cfg, backend, concept), device)
+    ours["setup_seconds"] = round(trained.setup_seconds, 3)
+    ref.update(curve(ref_losses), eval_loss=held_out_loss(backend, cfg, concept, ref_vectors))
+    ours.update(curve(trained.losses), eval_loss=held_out_loss(backend, cfg, concept, trained.tensors))
+    start_vectors = {k: v.detach() for k, v in init_vectors(backend, cfg).items()}
+    for r in (ref, ours):
+        r["it_per_s"] = round(steps / r["seconds"], 4)
+    result = {
+        "device": device_name(device),
+        "model": args.model, "steps": steps, "batch_size": args.batch_size, "resolution": size,
+        "vectors": args.vectors, "triggers": len(cfg.triggers), "reference_mixed_precision": args.reference_mixed_precision,
+        "eval_loss_init": held_out_loss(backend, cfg, concept, start_vectors),
+        "reference": ref, "ours": ours, "speedup": round(ours["it_per_s"] / ref["it_per_s"], 2),
+    }  # fmt: skip
+    if args.json:
+        print(json.dumps(result))
+        return
+    print(
+        f"Backdoor-TI speed on {result['device']}, model {args.model}, {steps} steps, batch {args.batch_size} "
+        f"(+{args.batch_size} backdoor), {size}x{size} px, {args.vectors} vectors, {len(cfg.triggers)} triggers"
+    )
+    head = ("loop", "it/s", "seconds", "CPU s", "setup s", "peak MiB", "loss 1st 10%", "loss last 10%",
+            "eval loss")  # fmt: skip
+    print(f"{head[0]:<10}" + "".join(f"{h:>14}" for h in head[1:]))
+    for name, r in (("reference", ref), ("ours", ours)):
+        cells = (r["it_per_s"], r["seconds"], r["cpu_seconds"], r["setup_seconds"], r["peak_mem_bytes"] / 2**20,
+                 r["loss_first_10pct"], r["loss_last_10pct"], r["eval_loss"])  # fmt: skip
+        print(
+            f"{name:<10}" + "".join(f"{c:>14.4f}" if k >= 5 else f"{c:>14.2f}" for k, c in enumerate(cells))
+        )
+    print(
+        f"eval loss of the initial vectors: {result['eval_loss_init']:.4f} (fixed held-out set, same for both)"
+    )
+    print(f"speedup: {result['speedup']}x (CPU time ratio {ref['cpu_seconds'] / ours['cpu_seconds']:.2f}x)")
+
+
+if __name__ == "__main__":
+    main()
