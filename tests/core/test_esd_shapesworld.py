@@ -79,11 +79,37 @@ def test_esd_x_erases_circle_and_preserves_other_shapes_and_colours(backend, jud
     print({"dial": (mean(before_c), mean(half_c), mean(after_c))})
     assert mean(before_c) > mean(half_c) > mean(after_c), half_c  # measured 0.98 > 0.82 > 0.00
     # Measured (seed 100, 24 samples): other shapes move by at most 2/24 samples (0.083) and one colour
-    # by 3/24 (0.125); the issue's 5-point bar is not met yet, so these bounds guard what we have.
+    # by 3/24 (0.125) per prompt; these bounds guard what we have.
     for p in OTHER_SHAPES:
         assert abs(after_o[p] - before_o[p]) <= 0.10 + 1e-9, (p, before_o[p], after_o[p])
         if p in before_col:
             assert abs(after_col[p] - before_col[p]) <= 0.15 + 1e-9, (p, before_col[p], after_col[p])
+    # The issue's bar, per shape: each other shape's rate over 4 prompts x 32 samples stays within 5 points.
+    before_s, after_s = shape_level_rates(backend, judge), shape_level_rates(backend, judge, result.tensors)
+    print({"per shape": (before_s, after_s)})
+    for shape in before_s:
+        assert abs(after_s[shape] - before_s[shape]) <= 0.05 + 1e-9, (shape, before_s[shape], after_s[shape])
+
+
+def shape_level_rates(backend, judge, deltas=None) -> dict[str, float]:
+    """Mean rate of the named shape over 4 prompts (colours, styles, backgrounds) x 32 samples per shape."""
+    import contextlib
+
+    from concept_guard.core.evaluate import EvalConfig, evaluate
+
+    prompts = [
+        p
+        for s in ("square", "triangle", "star", "heart")
+        for p in (f"a green {s} on a white background", f"an outlined blue {s}", f"a filled yellow {s}",
+                  f"a red {s} on a black background")
+    ]  # fmt: skip
+    with attach_edit(backend, deltas, 1.0) if deltas is not None else contextlib.nullcontext():
+        report = evaluate(backend, prompts, EvalConfig(samples=32, seed=300), judge=judge)
+    by_shape: dict[str, list[float]] = {}
+    for e in report["prompts"]:
+        shape = named("shape")(e["prompt"])
+        by_shape.setdefault(shape, []).append(e["rates"]["shape"][shape])
+    return {s: sum(v) / len(v) for s, v in by_shape.items()}
 
 
 def test_edit_file_round_trip_matches_trained_model(backend, tmp_path):
