@@ -20,6 +20,7 @@ from tiny_checkpoint import write_tiny_sd15_checkpoint
 from workflows import EXAMPLES, load_workflow, node_ids, set_inputs, ui_to_api
 
 ESD = "ConceptGuardEraseESD"
+TI = "ConceptGuardBackdoorTI"
 CKPT = "tiny_sd15.safetensors"
 TINY_ESD = dict(iterations=3, sampling_steps=2, resolution=64, lr=1e-3)  # 8x8 latents
 TINY_SAMPLING = {"KSampler": dict(steps=2), "EmptyLatentImage": dict(width=64, height=64)}
@@ -42,7 +43,8 @@ def object_info(comfy_server) -> dict:
 def tiny_prompt(name: str, object_info: dict, *, unmute: bool = False, **esd) -> dict:
     prompt = ui_to_api(load_workflow(name), object_info, unmute=unmute)
     set_inputs(prompt, "CheckpointLoaderSimple", ckpt_name=CKPT)
-    set_inputs(prompt, ESD, **{**TINY_ESD, **esd})
+    if node_ids(prompt, ESD):
+        set_inputs(prompt, ESD, **{**TINY_ESD, **esd})
     for class_type, values in TINY_SAMPLING.items():
         if node_ids(prompt, class_type):
             set_inputs(prompt, class_type, **values)
@@ -52,7 +54,9 @@ def tiny_prompt(name: str, object_info: dict, *, unmute: bool = False, **esd) ->
 def queue(server, prompt: dict, timeout: float = 240) -> dict:
     """POST the prompt, wait for its ``/history`` entry and return it."""
     body = json.dumps({"prompt": prompt, "client_id": uuid.uuid4().hex}).encode()
-    request = urllib.request.Request(server.url + "/prompt", data=body, headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        server.url + "/prompt", data=body, headers={"Content-Type": "application/json"}
+    )
     with urllib.request.urlopen(request, timeout=60) as response:
         queued = json.loads(response.read())
     assert queued["node_errors"] == {}, queued
@@ -83,7 +87,7 @@ def test_example_is_a_consistent_ui_graph(name):
     workflow = load_workflow(name)
     nodes = {n["id"]: n for n in workflow["nodes"]}
     assert workflow["last_node_id"] >= max(nodes) and workflow["last_link_id"] >= len(workflow["links"])
-    assert any(n["type"] == ESD for n in nodes.values())
+    assert any(n["type"].startswith("ConceptGuard") for n in nodes.values())
     for link_id, src, slot, dst, dst_slot, kind in workflow["links"]:
         output, target = nodes[src]["outputs"][slot], nodes[dst]["inputs"][dst_slot]
         assert link_id in output["links"] and target["link"] == link_id, link_id
@@ -95,7 +99,12 @@ def test_example_is_a_consistent_ui_graph(name):
 
 def test_erase_then_sample_workflow(comfy_server, checkpoint, object_info):
     prompt = tiny_prompt("esd_erase_and_sample.json", object_info)
-    assert {n["class_type"] for n in prompt.values()} >= {"CheckpointLoaderSimple", ESD, "KSampler", "PreviewImage"}
+    assert {n["class_type"] for n in prompt.values()} >= {
+        "CheckpointLoaderSimple",
+        ESD,
+        "KSampler",
+        "PreviewImage",
+    }
     (sampler,) = node_ids(prompt, "KSampler")
     (esd,) = node_ids(prompt, ESD)
     assert prompt[sampler]["inputs"]["model"] == [esd, 0]  # the erased MODEL feeds the sampler
@@ -150,3 +159,40 @@ def test_erase_and_save_workflow_then_the_stock_lora_loader(comfy_server, checkp
     (error,) = messages(entry, "execution_error")
     assert error["node_id"] == esd and "already exists" in error["exception_message"]
     assert expected.stat().st_mtime_ns == saved_at
+
+
+def test_backdoor_ti_workflow_writes_an_embedding_the_stock_prompt_syntax_uses(
+    comfy_server, checkpoint, object_info
+):
+    """LoadImage -> Backdoor TI -> previews; then ``embedding:my_concept`` in a stock CLIPTextEncode finds the file."""
+    import numpy as np
+
+    (comfy_server.base_dir / "input").mkdir(exist_ok=True)
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (80, 64, 3), dtype=np.uint8)).save(
+        comfy_server.base_dir / "input" / "my_concept.png"
+    )
+    prompt = tiny_prompt("backdoor_ti_embedding.json", object_info)
+    set_inputs(prompt, TI, steps=2, batch_size=1, resolution=64)
+    (ti,) = node_ids(prompt, TI)
+    entry = queue(comfy_server, prompt)
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    saved = comfy_server.base_dir / "models" / "embeddings" / "my_concept.safetensors"
+    with safe_open(str(saved), framework="pt") as f:
+        assert list(f.keys()) == ["my_concept"] and f.metadata()["concept_guard.trigger_count"] == "2"
+    (usage,) = node_ids(prompt, "PreviewAny")
+    assert "embedding:my_concept" in entry["outputs"][usage]["text"][0]
+    (preview,) = node_ids(prompt, "PreviewImage")
+    assert len(preview_images(comfy_server, entry, preview)) == 4  # 2 samples without, 2 with a trigger
+
+    def encode(text: str) -> None:
+        loader = prompt[node_ids(prompt, "CheckpointLoaderSimple")[0]]
+        graph = {"1": loader, "2": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": text}},
+                 "3": {"class_type": "PreviewAny", "inputs": {"source": ["2", 0]}}}  # fmt: skip
+        assert queue(comfy_server, graph)["status"]["status_str"] == "success"
+
+    encode("a photo of embedding:not_there")  # the log does show a missing embedding ...
+    assert "embedding:not_there does not exist" in comfy_server.log()
+    encode("a photo of embedding:my_concept")  # ... and ours is found and fits this CLIP
+    log = comfy_server.log()
+    assert "embedding:my_concept does not exist" not in log and "shape mismatch" not in log
