@@ -42,8 +42,8 @@ def _ids(clip, text: str) -> dict[str, list[int]]:
     out = {}
     for key, chunks in clip.tokenize(text).items():
         row = [int(tok) for tok, *_ in chunks[0]]
-        end = row.index(row[-1], 1) if len(row) > 1 else len(row)  # first padding/end token after the start
-        out[key] = row[1:end]
+        end_token = getattr(clip.tokenizer, f"clip_{key}").end_token  # SDXL's clip_g pads with 0, not the end
+        out[key] = row[1 : row.index(end_token, 1)]
     return out
 
 

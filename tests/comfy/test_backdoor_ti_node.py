@@ -154,3 +154,16 @@ def test_clip_wider_than_the_model_is_a_clear_error(tiny_model, embeddings_dir):
     with pytest.raises(ArchitectureMismatchError, match="does not match the MODEL"):
         _run(tiny_model, xl_clip, None, _images(), name="mismatch")
     assert not list(embeddings_dir.iterdir())
+
+
+def test_sdxl_vectors_of_a_word_encode_like_the_word():
+    """Both SDXL encoders (clip_g pads with 0, not with the end token) get their own rows."""
+    from comfy_harness import build_tiny_sdxl
+
+    model, clip = build_tiny_sdxl()
+    backend = ComfyBackend(model, clip)
+    word = backend.word_vectors("heart")
+    assert set(word) == {"clip_l", "clip_g"} and all(v.shape[0] == 1 for v in word.values())
+    ours = backend.encode_text_with_vectors([f"a photo of a {PLACEHOLDER}"], word)
+    stock = backend.encode_text(["a photo of a heart"])
+    assert torch.equal(ours.context, stock.context) and torch.equal(ours.pooled, stock.pooled)
