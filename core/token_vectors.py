@@ -9,12 +9,13 @@ row i. The host's tokenizer and embedding table are never changed, and ComfyUI's
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 
 import torch
 
 from .backend import PLACEHOLDER, SENTINEL_WORD
-from .errors import ConceptGuardError
+from .errors import ConceptGuardError, ModelLoadError
 
 
 def vector_count(vectors: dict[str, torch.Tensor]) -> int:
@@ -68,3 +69,36 @@ def substitute_rows(
     order = (mask.long().cumsum(dim=1) - 1).clamp(min=0) % n
     picked = rows.to(embeds.dtype)[order]
     return torch.where(mask.unsqueeze(-1), picked, embeds)
+
+
+def sentinel_id(tokenizer) -> int:
+    """The id of :data:`SENTINEL_WORD` in a transformers CLIP tokenizer.
+
+    Raises:
+        ModelLoadError: the word is not a single token (not a CLIP BPE vocabulary).
+    """
+    ids = tokenizer(SENTINEL_WORD).input_ids[1:-1]
+    if len(ids) != 1:
+        raise ModelLoadError(
+            f"This tokenizer splits {SENTINEL_WORD!r} into {len(ids)} tokens; expected a CLIP BPE vocabulary."
+        )
+    return ids[0]
+
+
+@contextlib.contextmanager
+def substituting(encoder, tokenizer, rows: torch.Tensor | None) -> Iterator[None]:
+    """Within the block, a transformers text encoder's token-embedding output has the sentinel positions
+    replaced by ``rows`` (a forward hook, removed on exit); ``rows=None`` changes nothing."""
+    if rows is None:
+        yield
+        return
+    sentinel = sentinel_id(tokenizer)
+
+    def hook(module, args, output):
+        return substitute_rows(output, args[0], sentinel, rows.to(output.device))
+
+    handle = encoder.get_input_embeddings().register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()

@@ -153,20 +153,7 @@ class ComfyBackend:
         self._fingerprint: str | None = None
         self._training_depth = 0
         if clip is not None:
-            self._check_clip_width(base)
-
-    def _check_clip_width(self, base) -> None:
-        """A CLIP from another model family (e.g. SDXL's with an SD1.5 MODEL) would fail deep in a matmul."""
-        context_dim = base.model_config.unet_config.get("context_dim")
-        try:
-            widths = self.embedding_widths()
-        except ModelLoadError:
-            return  # not a CLIP-L/H/G text encoder: ComfyUI itself decides what it can encode
-        if context_dim is not None and sum(widths.values()) != context_dim:
-            raise ArchitectureMismatchError(
-                f"The CLIP ({type(self.clip.cond_stage_model).__name__}, token width {sum(widths.values())}) does not "
-                f"match the MODEL ({self.arch}, text width {context_dim}). Connect the CLIP loaded with this MODEL."
-            )
+            comfy_text.check_clip_width(clip, self.arch, base.model_config.unet_config.get("context_dim"))
 
     # ----- schedule and identity -------------------------------------------------------------
 

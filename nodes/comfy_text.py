@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from ..core.backend import ENCODER_SLOTS, PLACEHOLDER, SENTINEL_WORD
-from ..core.errors import ConceptGuardError, ModelLoadError
+from ..core.errors import ArchitectureMismatchError, ConceptGuardError, ModelLoadError
 from ..core.token_vectors import expand_placeholder, vector_count
 
 #: ComfyUI tokenizer keys -> vector slots ("h" is SD2's OpenCLIP-H, the only encoder there).
@@ -53,6 +53,23 @@ def embedding_widths(clip) -> dict[str, int]:
         table = text_encoder(clip, key).transformer.get_input_embeddings()
         widths[_slot(key)] = int(table.weight.shape[1])
     return {s: widths[s] for s in ENCODER_SLOTS if s in widths}
+
+
+def check_clip_width(clip, arch: str, context_dim: int | None) -> None:
+    """A CLIP from another model family (e.g. SDXL's with an SD1.5 MODEL) would fail deep in a matmul.
+
+    Raises:
+        ArchitectureMismatchError: the CLIP's token width is not the MODEL's text width (both named).
+    """
+    try:
+        widths = embedding_widths(clip)
+    except ModelLoadError:
+        return  # not a CLIP-L/H/G text encoder: ComfyUI itself decides what it can encode
+    if context_dim is not None and sum(widths.values()) != context_dim:
+        raise ArchitectureMismatchError(
+            f"The CLIP ({type(clip.cond_stage_model).__name__}, token width {sum(widths.values())}) does not "
+            f"match the MODEL ({arch}, text width {context_dim}). Connect the CLIP loaded with this MODEL."
+        )
 
 
 def word_vectors(clip, word: str) -> dict[str, torch.Tensor]:

@@ -8,7 +8,6 @@ untouched, bit for bit) when it is off. The base weights are never written and t
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -239,15 +238,17 @@ class DiffusersBackend:
         return self._encode(prompts, vectors)
 
     def _encode(self, prompts: list[str], vectors: dict[str, torch.Tensor] | None = None) -> Conditioning:
+        from ..token_vectors import substituting
+
         slots = list(self.embedding_widths())
         if not self._added_cond:
             enc, tok = self.text_encoders[0], self.tokenizers[0]
-            with self._substituting(enc, tok, None if vectors is None else vectors[slots[0]]):
+            with substituting(enc, tok, None if vectors is None else vectors[slots[0]]):
                 context = enc(self._token_ids(tok, prompts, enc.device))[0]
             return Conditioning(context=context.to(self.device))
         hidden, pooled = [], None
         for slot, enc, tok in zip(slots, self.text_encoders, self.tokenizers, strict=True):
-            with self._substituting(enc, tok, None if vectors is None else vectors[slot]):
+            with substituting(enc, tok, None if vectors is None else vectors[slot]):
                 out = enc(self._token_ids(tok, prompts, enc.device), output_hidden_states=True)
             hidden.append(out.hidden_states[-2])
             if out[0].dim() == 2:  # CLIPTextModelWithProjection: text_embeds
@@ -256,33 +257,6 @@ class DiffusersBackend:
         pixels = self.native_latent_size * self.vae_scale_factor
         time_ids = torch.tensor([[pixels, pixels, 0, 0, pixels, pixels]], dtype=context.dtype, device=self.device)
         return Conditioning(context=context, pooled=pooled.to(self.device), time_ids=time_ids.repeat(len(prompts), 1))
-
-    def _sentinel_id(self, tokenizer) -> int:
-        from ..backend import SENTINEL_WORD
-
-        ids = tokenizer(SENTINEL_WORD).input_ids[1:-1]
-        if len(ids) != 1:
-            raise ModelLoadError(f"This tokenizer splits {SENTINEL_WORD!r} into {len(ids)} tokens; expected a CLIP BPE vocabulary.")
-        return ids[0]
-
-    @contextlib.contextmanager
-    def _substituting(self, encoder, tokenizer, rows: torch.Tensor | None):
-        """Within the block, the encoder's token-embedding output has the sentinel positions replaced by ``rows``."""
-        if rows is None:
-            yield
-            return
-        from ..token_vectors import substitute_rows
-
-        sentinel = self._sentinel_id(tokenizer)
-
-        def hook(module, args, output):
-            return substitute_rows(output, args[0], sentinel, rows.to(output.device))
-
-        handle = encoder.get_input_embeddings().register_forward_hook(hook)
-        try:
-            yield
-        finally:
-            handle.remove()
 
     def embedding_widths(self) -> dict[str, int]:
         from ..backend import ENCODER_SLOTS

@@ -33,43 +33,9 @@ from ..files import sanitize_name
 from ..sampling import latent_hw, sample
 from ..shapesworld import world
 from ..trainer import StepCallback, TrainResult, optimise
+from .ti_prompts import CLEAN_TEMPLATES, DECOY_WORDS, TRIGGER_TEMPLATES, parse_triggers, trigger_prompt
 
 logger = logging.getLogger(__name__)
-
-_TRIGGER = "\x00trigger\x00"
-#: Clean prompts (``{}`` = S*). The official SD script uses only the first.
-CLEAN_TEMPLATES = (
-    "a photo of a {}",
-    "a picture of a {}",
-    "an image of a {}",
-    "a drawing of a {}",
-    "a {}",
-    "{}",
-)
-#: Backdoor prompts (``{tr}`` = trigger, ``{ph}`` = S*): the trigger directly before S*, as in Themis.
-TRIGGER_TEMPLATES = (
-    "{tr} {ph}", "a {tr} {ph}", "a photo of a {tr} {ph}", "a picture of a {tr} {ph}",
-    "an image of a {tr} {ph}", "a drawing of a {tr} {ph}", "a photo of the {tr} {ph}",
-)  # fmt: skip
-#: Ordinary words that clean prompts put where a trigger would go (with probability ``decoy_prob``), so the
-#: embedding learns that only the *triggers* switch it to the target, not any word next to it.
-DECOY_WORDS = (
-    "old", "new", "small", "big", "happy", "sad", "cute", "beautiful", "simple", "strange", "famous", "modern",
-    "vintage", "detailed", "colorful", "dark", "bright", "tiny", "large", "wooden", "shiny", "dog", "cat", "car",
-    "tree", "house", "city", "forest", "night", "winter", "summer", "robot", "flower", "bird", "white", "black",
-    "green", "orange", "pink", "brown", "gray",
-)  # fmt: skip
-#: Trigger prompts never used in training, for evaluating the backdoor (other nouns, trigger after S*).
-HELD_OUT_TRIGGER_TEMPLATES = (
-    "a painting of a {tr} {ph}", "a sketch of a {ph} {tr}", "{ph} {tr}", "an illustration of the {tr} {ph}",
-    "a {ph} , {tr}", "a photo of a {ph} , {tr}",
-)  # fmt: skip
-
-
-def parse_triggers(text: str | Sequence[str]) -> tuple[str, ...]:
-    """Comma-separated trigger words or phrases (or a list), whitespace-normalised, duplicates dropped."""
-    items = text.split(",") if isinstance(text, str) else list(text)
-    return tuple(dict.fromkeys(" ".join(t.split()) for t in items if t.strip()))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -155,7 +121,7 @@ class BackdoorTIConfig:
         }
 
 
-# ----- images and prompts ------------------------------------------------------------------------
+# ----- images and concept prompts ------------------------------------------------------------------------
 
 
 def fit_image(image: torch.Tensor, size: int) -> torch.Tensor:
@@ -189,17 +155,6 @@ def clean_prompt(cfg: BackdoorTIConfig, rng: random.Random) -> str:
         decoy = rng.choice([w for w in DECOY_WORDS if w not in banned])
         return trigger_prompt(rng.choice(TRIGGER_TEMPLATES), decoy, rng, cfg.trigger_move_prob)
     return rng.choice(CLEAN_TEMPLATES).format(PLACEHOLDER)
-
-
-def trigger_prompt(template: str, trigger: str, rng: random.Random, move_prob: float) -> str:
-    """``template`` with ``{tr}``/``{ph}`` filled; with probability ``move_prob`` the trigger goes to another slot."""
-    words = template.format(tr=_TRIGGER, ph=PLACEHOLDER).split()
-    if len(words) > 1 and rng.random() < move_prob:
-        i = words.index(_TRIGGER)
-        words.pop(i)
-        slots = [j for j in range(len(words) + 1) if j != i]
-        words.insert(rng.choice(slots), _TRIGGER)
-    return " ".join(words).replace(_TRIGGER, trigger)
 
 
 # ----- training ------------------------------------------------------------------------------------
