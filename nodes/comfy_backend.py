@@ -341,8 +341,8 @@ class ComfyBackend:
         grad = contextlib.nullcontext() if self._training_depth else torch.no_grad()
         contexts, pooled = [], []
         with grad:
-            for prompt in prompts:
-                c, p = clip.encode_from_tokens(comfy_text.tokens_with_vectors(clip, prompt, vectors), return_pooled=True)
+            for tokens in comfy_text.tokens_with_vectors(clip, list(prompts), vectors):
+                c, p = clip.encode_from_tokens(tokens, return_pooled=True)
                 contexts.append(c)
                 pooled.append(p)
         with torch.inference_mode(False):

@@ -83,10 +83,12 @@ def word_vectors(clip, word: str) -> dict[str, torch.Tensor]:
     return out
 
 
-def tokens_with_vectors(clip, prompt: str, vectors: dict[str, torch.Tensor]) -> dict[str, list]:
-    """ComfyUI tokens of ``prompt`` with each placeholder's sentinel tokens replaced by the vector rows."""
-    n = vector_count(vectors)
-    (text,) = expand_placeholder([prompt], n)
+def sentinel_ids(clip) -> dict[str, int]:
+    """The id of the sentinel word per tokenizer key.
+
+    Raises:
+        ModelLoadError: the word is not a single token (not a CLIP BPE vocabulary).
+    """
     sentinel = {}
     for key, ids in _ids(clip, SENTINEL_WORD).items():
         if len(ids) != 1:
@@ -94,21 +96,31 @@ def tokens_with_vectors(clip, prompt: str, vectors: dict[str, torch.Tensor]) -> 
                 f"This tokenizer splits {SENTINEL_WORD!r} into {len(ids)} tokens; expected CLIP BPE."
             )
         sentinel[key] = ids[0]
-    tokens = clip.tokenize(text)
-    for key, chunks in tokens.items():
-        rows = vectors.get(_slot(key))
-        if rows is None:
-            raise ConceptGuardError(
-                f"This CLIP needs token vectors for {_slot(key)!r}; got {sorted(vectors)}."
-            )
-        k = 0
-        for chunk in chunks:
-            for i, (tok, *rest) in enumerate(chunk):
-                if isinstance(tok, int) and tok == sentinel[key]:
-                    chunk[i] = (rows[k % n], *rest)
-                    k += 1
-        if k != n * prompt.count(PLACEHOLDER):
-            raise ConceptGuardError(
-                f"Prompt {prompt!r}: placed {k} token vectors, expected {n} per {PLACEHOLDER}."
-            )
-    return tokens
+    return sentinel
+
+
+def tokens_with_vectors(clip, prompts: list[str], vectors: dict[str, torch.Tensor]) -> list[dict[str, list]]:
+    """ComfyUI tokens of each prompt with each placeholder's sentinel tokens replaced by the vector rows."""
+    n = vector_count(vectors)
+    sentinel = sentinel_ids(clip)
+    out = []
+    for prompt, text in zip(prompts, expand_placeholder(prompts, n), strict=True):
+        tokens = clip.tokenize(text)
+        for key, chunks in tokens.items():
+            rows = vectors.get(_slot(key))
+            if rows is None:
+                raise ConceptGuardError(
+                    f"This CLIP needs token vectors for {_slot(key)!r}; got {sorted(vectors)}."
+                )
+            k = 0
+            for chunk in chunks:
+                for i, (tok, *rest) in enumerate(chunk):
+                    if isinstance(tok, int) and tok == sentinel[key]:
+                        chunk[i] = (rows[k % n], *rest)
+                        k += 1
+            if k != n * prompt.count(PLACEHOLDER):
+                raise ConceptGuardError(
+                    f"Prompt {prompt!r}: placed {k} token vectors, expected {n} per {PLACEHOLDER}."
+                )
+        out.append(tokens)
+    return out
