@@ -15,20 +15,24 @@ from ..core.trainer import StepCallback
 EDITS_SUBFOLDER = "concept_guard"
 
 
+def _model_file(kind: str, subfolder: str, name: str, *, what: str, overwrite: bool) -> Path:
+    """``models/<kind>/<subfolder>/<name>.safetensors``, checked (safe name, no silent overwrite) and its
+    folder created, before training starts, so a bad name or an existing file costs no training time."""
+    name = sanitize_name(name.removesuffix(".safetensors"), what=what)
+    folder = Path(folder_paths.get_folder_paths(kind)[0]) / subfolder
+    folder.mkdir(parents=True, exist_ok=True)
+    return check_destination(folder / f"{name}.safetensors", overwrite=overwrite)
+
+
 def edit_output_path(file_name: str, *, overwrite: bool) -> Path | None:
     """``models/loras/concept_guard/<name>.safetensors`` for a user-given name; ``None`` if empty.
-
-    Checked before training starts, so a bad name or an existing file costs no training time.
 
     Raises:
         OutputPathError: unsafe name, or the file exists and ``overwrite`` is False.
     """
     if not file_name.strip():
         return None
-    name = sanitize_name(file_name.removesuffix(".safetensors"), what="file_name")
-    folder = Path(folder_paths.get_folder_paths("loras")[0]) / EDITS_SUBFOLDER
-    folder.mkdir(parents=True, exist_ok=True)
-    return check_destination(folder / f"{name}.safetensors", overwrite=overwrite)
+    return _model_file("loras", EDITS_SUBFOLDER, file_name, what="file_name", overwrite=overwrite)
 
 
 def embedding_output_path(name: str, *, overwrite: bool) -> Path:
@@ -37,10 +41,7 @@ def embedding_output_path(name: str, *, overwrite: bool) -> Path:
     Raises:
         OutputPathError: unsafe name, or the file exists and ``overwrite`` is False.
     """
-    name = sanitize_name(name.removesuffix(".safetensors"), what="embedding name")
-    folder = Path(folder_paths.get_folder_paths("embeddings")[0])
-    folder.mkdir(parents=True, exist_ok=True)
-    return check_destination(folder / f"{name}.safetensors", overwrite=overwrite)
+    return _model_file("embeddings", "", name, what="embedding name", overwrite=overwrite)
 
 
 def progress_callback(total: int, node_id: str | None = None) -> StepCallback:
