@@ -179,3 +179,16 @@ def test_erase_from_trains_on_the_from_prompts_with_the_concept_direction(sd1_ba
     assert torch.equal(bank.conds[int(bank.concept[i])].context, enc(["a blue circle"]).context)
     r = train(cfg, sd1_backend)
     assert r.metadata["concept_guard.erase_from"] == "a red circle, a blue circle"
+
+
+def test_bank_computes_targets_only_for_the_rows_training_draws(sd1_backend):
+    cfg = ESDConfig(concepts=("circle",), eta=1.5, **FAST)
+    full = build_bank(sd1_backend, cfg)
+    drawn = torch.tensor([[3, 5], [5, 0]])
+    lazy = build_bank(sd1_backend, cfg, draw_rows=lambda n: drawn)
+    assert torch.equal(lazy.x_t, full.x_t)
+    used = torch.tensor([0, 3, 5])
+    torch.testing.assert_close(lazy.target[used], full.target[used], rtol=1e-4, atol=1e-5)
+    unused = torch.ones(len(full), dtype=torch.bool)
+    unused[used] = False
+    assert lazy.target[unused].abs().sum() == 0 and full.target[unused].abs().sum() > 0
