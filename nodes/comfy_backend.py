@@ -28,7 +28,7 @@ from ..core.backend import Conditioning
 from ..core.delta import DeltaSet, WeightDelta
 from ..core.errors import ArchitectureMismatchError, ConceptGuardError, ModelLoadError, NoMatchingModulesError
 from ..core.fingerprint import weights_fingerprint
-from . import comfy_text
+from . import comfy_memory, comfy_text
 from .comfy_host import autograd_safe_clip, frozen_trainable_copies, grad_enabled
 
 logger = logging.getLogger(__name__)
@@ -133,13 +133,18 @@ class ComfyBackend:
         model (`ModelPatcher`): ComfyUI MODEL (SD1.x, SD2.x incl. v-prediction, SDXL). Never modified.
         clip (`comfy.sd.CLIP`, *optional*): needed by :meth:`encode_text` and :meth:`count_tokens`.
         vae (`comfy.sd.VAE`, *optional*): needed by :meth:`vae_encode` / :meth:`vae_decode`.
+        teacher_budget (`float`, *optional*): activation bytes (ComfyUI's estimate) that one no-grad
+            :meth:`eps` call may use; larger batches are split. Default: ``comfy_memory.teacher_budget``.
 
     Raises:
         ModelLoadError: the model is not an SD1.x/2.x/SDXL UNet on the discrete 1000-step schedule.
     """
 
-    def __init__(self, model: comfy.model_patcher.ModelPatcher, clip=None, vae=None):
+    def __init__(self, model: comfy.model_patcher.ModelPatcher, clip=None, vae=None, *,
+                 teacher_budget: float | None = None):
         self.patcher = model.clone()  # ours alone: deltas are attached here, never on `model`
+        unet = model.model.diffusion_model
+        self.teacher_budget = comfy_memory.teacher_budget(unet) if teacher_budget is None else teacher_budget
         self.clip = clip
         self.vae = vae
         base = self.patcher.model
@@ -184,12 +189,12 @@ class ComfyBackend:
         comfy.model_management.load_models_gpu([p], force_full_load=True)
 
     @contextlib.contextmanager
-    def training(self, *, text_encoder_grad: bool = False) -> Iterator[ComfyBackend]:
+    def training(self, *, text_encoder_grad: bool = False, checkpointing: bool = False) -> Iterator[ComfyBackend]:
         """Session in which gradients can flow to deltas (or, with ``text_encoder_grad``, through CLIP).
 
         Leaves ComfyUI's inference mode, loads our clone fully, swaps inference-tensor weights for
-        same-valued ordinary copies and freezes them (trap 1), and patches CLIP's in-place layer
-        (trap 2). Everything is undone on exit, also after an exception or an interrupt.
+        same-valued ordinary copies and freezes them (trap 1), patches CLIP's in-place layer (trap 2) and,
+        with ``checkpointing``, recomputes UNet blocks in backward. All undone on exit, errors included.
         """
         with contextlib.ExitStack() as stack:
             stack.enter_context(grad_enabled())
@@ -197,6 +202,8 @@ class ComfyBackend:
             stack.callback(self._leave_training)
             self._load()
             stack.enter_context(frozen_trainable_copies(self.patcher.model))
+            if checkpointing:
+                stack.enter_context(comfy_memory.gradient_checkpointing(self.patcher.model.diffusion_model))
             if self.clip is not None:
                 stack.enter_context(autograd_safe_clip())
                 if text_encoder_grad:
@@ -264,12 +271,13 @@ class ComfyBackend:
         """DDPM noise prediction via ``apply_model`` with k-diffusion scaling (route A).
 
         Differentiable with respect to enabled deltas only inside :meth:`training`; elsewhere it runs
-        without grad (the host's weights are inference tensors that autograd cannot use).
+        without grad (inference-tensor weights). No-grad calls run in row chunks within ``teacher_budget``.
         """
-        if not self._training_depth:
-            with torch.no_grad():
-                return self._eps(x_t, t, cond)
-        return self._eps(x_t, t, cond)
+        if self._training_depth and torch.is_grad_enabled():
+            return self._eps(x_t, t, cond)
+        with torch.no_grad():
+            rows = comfy_memory.rows_per_call(self.patcher.model, x_t.shape, self.teacher_budget)
+            return comfy_memory.in_row_chunks(self._eps, x_t, t, cond, rows)
 
     def _eps(self, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         self._load()

@@ -47,6 +47,9 @@ class EraseConceptESD(io.ComfyNode):
                 io.Int.Input("resolution", default=0, min=0, max=4096, step=8, optional=True,
                              tooltip="Image side (px, latent = px/8) of the x_t trajectories; 0 = the model's native "
                              "size (512 for SD1.x/2.x, 1024 for SDXL)."),
+                io.Boolean.Input("low_memory", default=True, optional=True,
+                                 tooltip="Gradient checkpointing: recompute UNet blocks in backward (~1 extra forward "
+                                 "per step) to keep peak memory near the model's own size."),
             ],
             outputs=[io.Model.Output(display_name="MODEL"), io.String.Output(display_name="path")],
             hidden=[io.Hidden.unique_id],
@@ -61,13 +64,13 @@ class EraseConceptESD(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, concepts: str, method: str, anchor: str, eta: float, iterations: int, lr: float,
                 seed: int, file_name: str, overwrite: bool = False, guidance: float = _D.guidance,
-                sampling_steps: int = _D.sampling_steps, resolution: int = 0) -> io.NodeOutput:
+                sampling_steps: int = _D.sampling_steps, resolution: int = 0, low_memory: bool = True) -> io.NodeOutput:
         cfg = ESDConfig(concepts=concepts, method=method, anchor=anchor or None, eta=eta, iterations=iterations,
                         lr=lr, seed=seed, guidance=guidance, sampling_steps=sampling_steps,
                         latent_size=resolution // 8 if resolution else None)
         path = edit_output_path(file_name, overwrite=overwrite)
         backend = ComfyBackend(model, clip)
-        with backend.training():
+        with backend.training(checkpointing=low_memory):
             node_id = cls.hidden.unique_id if cls.hidden is not None else None  # None when called outside a graph
             result = train(cfg, backend, on_step=progress_callback(cfg.iterations, node_id))
         if not result.tensors:
