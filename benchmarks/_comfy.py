@@ -81,19 +81,13 @@ def setup(device: str) -> Path:
 
 
 def lively_(module: torch.nn.Module, seed: int) -> None:
-    """Default-init-like random values in place (ComfyUI's ops skip init): std 1/sqrt(fan_in), norms ~1."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.inference_mode():
-        for m in module.modules():
-            for name, p in m.named_parameters(recurse=False):
-                if p.dim() >= 2:
-                    value = torch.randn(p.shape, generator=gen) / p[0].numel() ** 0.5
-                elif name == "weight" and isinstance(m, (torch.nn.GroupNorm, torch.nn.LayerNorm)):
-                    value = 1 + 0.1 * torch.randn(p.shape, generator=gen)
-                else:
-                    value = 0.1 * torch.randn(p.shape, generator=gen)
-                p.copy_(value.to(p.dtype))
-                del value
+    """Default-init-like random values in place: the ComfyUI test harness's helper (one copy, after setup)."""
+    sys.path.insert(0, str(REPO_ROOT / "tests" / "comfy"))
+    try:
+        from tiny_checkpoint import lively_ as harness_lively_
+    finally:
+        sys.path.remove(str(REPO_ROOT / "tests" / "comfy"))
+    harness_lively_(module, seed)
 
 
 def build_sd15_model(tiny: bool = False, seed: int = 0):
