@@ -26,27 +26,37 @@ ERASED_PROMPTS = {
 KEPT_PROMPTS = ("an outlined blue star", "a green triangle on a white background", "a yellow heart on a gray background",
                 "a filled purple square", "a red star on a black background")  # fmt: skip
 # ESD settings that erase a ShapesWorld shape (measured; see README "Measured results").
-DEMO_ESD = dict(method="esd-x", eta=3.0, iterations=400, lr=3e-3, guidance=5.0, sampling_steps=20,
+DEMO_ESD = dict(method="esd-x-strict", eta=3.0, iterations=400, lr=3e-3, guidance=5.0, sampling_steps=20,
                 bank_trajectories=4, batch_size=8)  # fmt: skip
+# Erasing a style needs all cross-attention weights and a stronger push (measured: η 3 left "outlined"
+# at 0.18-0.37).
+DEMO_ESD_STYLE = {**DEMO_ESD, "method": "esd-x", "eta": 5.0}
 
 
 def shapesworld_recipe(concept: str) -> dict[str, object]:
     """ESD prompts for erasing a ShapesWorld shape or style: ``erase_from`` = the concept in every colour,
-    ``preserve`` = every colour of the other shapes (or the other style). Evaluation prompts use other
-    templates (backgrounds, styles) than these training prompts."""
+    ``preserve`` = every colour of the other shapes (or the other style) and the empty prompt, whose
+    prediction CFG subtracts from every prompt. Evaluation prompts use other templates (backgrounds,
+    styles) than these training prompts."""
     from .shapesworld import world
 
     colours = tuple(world.COLOURS)
     if concept in world.SHAPES:
         erase_from = (*(f"a {c} {concept}" for c in colours), f"a {concept}")
         preserve = tuple(f"a {c} {s}" for s in world.SHAPES if s != concept for c in colours)
-        return {"concepts": (f"a {concept}",), "erase_from": erase_from, "preserve": preserve}
+        return {"concepts": (f"a {concept}",), "erase_from": erase_from, "preserve": preserve,
+                "preserve_null": True}  # fmt: skip
     if concept in world.STYLES:
         other = next(s for s in world.STYLES if s != concept)
         art = "an" if concept[0] in "aeiou" else "a"
+        # retain: the other style, two colours per shape (no style word) and the empty prompt (measured:
+        # without the last two, colours and the unprompted style drift; see README "Measured results")
+        coloured = tuple(
+            f"a {colours[(j + k) % len(colours)]} {s}" for j, s in enumerate(world.SHAPES) for k in (0, 3)
+        )
         return {"concepts": (f"{art} {concept} shape",),
                 "erase_from": tuple(f"{art} {concept} {s}" for s in world.SHAPES),
-                "preserve": tuple(f"a {other} {s}" for s in world.SHAPES)}  # fmt: skip
+                "preserve": (*(f"a {other} {s}" for s in world.SHAPES), *coloured), "preserve_null": True}  # fmt: skip
     return {"concepts": (concept,)}
 
 

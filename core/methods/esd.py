@@ -63,6 +63,8 @@ class ESDConfig:
         erase_from (`tuple[str, ...]`): prompts to erase the concept from (comma-separated or a tuple);
             empty = the concepts themselves.
         preserve (`tuple[str, ...]`): prompts whose predictions should stay unchanged (retain set); empty = none.
+        preserve_null (`bool`, defaults to ``False``): also retain the empty prompt's prediction ε*(x_t, ""),
+            the unconditional branch that CFG subtracts (scaled by guidance − 1) from every prompt.
         eta (`float`, defaults to 2.0): negative-guidance strength (concept-anchored form).
         iterations (`int`, defaults to 200): optimiser steps.
         lr (`float`, defaults to 5e-5): Adam learning rate of the fp32 deltas.
@@ -79,6 +81,7 @@ class ESDConfig:
     anchor: str | None = None
     erase_from: tuple[str, ...] = ()
     preserve: tuple[str, ...] = ()
+    preserve_null: bool = False
     eta: float = 2.0
     iterations: int = 200
     lr: float = 5e-5
@@ -195,8 +198,8 @@ def build_bank(
         for prompt in cfg.erase_from or (concept,):
             student = cond if prompt == concept else backend.encode_text([prompt])
             jobs.append((student, anchor if anchor is not None else student, cond, cfg.eta))
-    for prompt in cfg.preserve:
-        keep = backend.encode_text([prompt])
+    for prompt in (*cfg.preserve, *([""] if cfg.preserve_null else [])):
+        keep = null if prompt == "" else backend.encode_text([prompt])
         jobs.append((keep, keep, keep, 0.0))
     for student, *_ in jobs:
         traj, steps = sample_trajectory(
@@ -292,6 +295,7 @@ def train(
         "concept_guard.anchor": cfg.anchor or "",
         "concept_guard.erase_from": ", ".join(cfg.erase_from),
         "concept_guard.preserve": ", ".join(cfg.preserve),
+        "concept_guard.preserve_null": str(cfg.preserve_null),
         "concept_guard.eta": str(cfg.eta),
         "concept_guard.iterations": str(cfg.iterations),
         "concept_guard.lr": str(cfg.lr),
