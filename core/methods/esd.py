@@ -231,7 +231,7 @@ def row_schedule(bank_size: int, cfg: ESDConfig) -> torch.Tensor:
     """``[iterations, batch_size]`` bank rows drawn uniformly (seeded): which entries each step trains on.
 
     Drawn before the targets are computed so that only entries that are used get targets: with the
-    default settings that is about 40 % of the bank's teacher calls."""
+    default settings (200 steps, 400 entries) that is 155 entries, 39 % of the teacher calls."""
     gen = make_generator(cfg.seed + 1)
     return torch.randint(0, bank_size, (cfg.iterations, cfg.batch_size), generator=gen)
 
