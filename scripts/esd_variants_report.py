@@ -17,9 +17,9 @@ from concept_guard.core.methods.esd import ESDConfig, train
 PROMPTS = ["a red disc", "a blue disc", "a crimson disc", "a filled blue circle", "an outlined purple circle",
            "a green triangle", "a yellow heart"]  # fmt: skip
 VARIANTS = [
-    ("esd-x", {}),
+    ("esd-x", {"method": "esd-x"}),
     ("esd-u", {"method": "esd-u", "lr": 1e-4}),
-    ("esd-x anchor->square", {"anchor": "a square"}),
+    ("esd-x anchor->square", {"method": "esd-x", "anchor": "a square"}),
 ]
 
 
