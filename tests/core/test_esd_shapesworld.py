@@ -1,7 +1,7 @@
 """ESD efficacy on the committed ShapesWorld model, measured by the judge (issue: Erase Concept).
 
 Before and after use the same seeds, so every change is the edit's. Each efficacy test trains one
-edit (~1-1.5 min on one CPU thread) and samples a few hundred 32x32 images; the base model's rates on
+edit (~1.5-2 min on one CPU thread) and samples a few hundred 32x32 images; the base model's rates on
 the shared GRID prompts are sampled once per module.
 """
 
@@ -105,7 +105,7 @@ def assert_within(before: dict[str, float], after: dict[str, float], points: flo
         assert abs(after[k] - before[k]) <= points + 1e-9, (what, k, before[k], after[k])
 
 
-def test_esd_x_erases_circle_and_preserves_other_shapes_and_colours(backend, judge, grid_before):
+def test_esd_x_strict_erases_circle_and_preserves_other_shapes_and_colours(backend, judge, grid_before):
     shape_of = named("shape")
     before_c = rates(backend, judge, CIRCLE_PROMPTS, "shape", shape_of)
     before_o = rates(backend, judge, OTHER_SHAPES, "shape", shape_of)
@@ -137,11 +137,11 @@ def test_esd_x_erases_circle_and_preserves_other_shapes_and_colours(backend, jud
     colours = (level_rates(before_g, "colour"), level_rates(after_g, "colour"))
     print({"per shape": shapes, "per colour": colours})
     assert_within(*shapes, 0.05, "shape")
-    # Measured: every colour within 5 points except purple, 1.00 -> 0.945 (7 of 128 samples); see README.
-    assert_within(*colours, 0.06, "colour")
+    # Measured (training seeds 0, 1, 2): purple 1.00 -> 0.95, 0.98, 0.95, the largest move; see README.
+    assert_within(*colours, 0.05, "colour")
 
 
-def test_esd_x_erases_outlined_style_and_preserves_shapes(backend, judge, grid_before):
+def test_esd_x_strict_erases_outlined_style_and_preserves_shapes(backend, judge, grid_before):
     style_of = lambda p: "outlined"  # noqa: E731
     before = rates(backend, judge, OUTLINED_PROMPTS, "style", style_of, seed=700)
     assert mean(before) >= 0.9, before
@@ -155,9 +155,9 @@ def test_esd_x_erases_outlined_style_and_preserves_shapes(backend, judge, grid_b
     filled = (mean({p: r["style"]["filled"] for p, r in before_g.items()}),
               mean({p: r["style"]["filled"] for p, r in after_g.items()}))  # fmt: skip
     print({"outlined": (mean(before), mean(after), before, after), "per shape": shapes, "filled": filled})
-    # The issue's bar is <= 0.10; measured 0.116 at eta 5. eta 6 reaches 0.07 but moves the circle and star
-    # rates by 7-9 points, so this guards what we have (see README "Measured results").
-    assert mean(after) <= 0.125, after
+    # The issue's bar, met at training seed 0 (0.07 on 32 samples per prompt) but not at seed 1 (0.14);
+    # see README "Measured results".
+    assert mean(after) <= 0.10, after
     assert_within(*shapes, 0.05, "shape")
 
 
