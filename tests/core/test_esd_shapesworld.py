@@ -74,18 +74,27 @@ def grid_rates(backend, judge, prompts, deltas=None) -> dict[str, dict]:
 def level_rates(rates: dict[str, dict], head: str) -> dict[str, float]:
     """Mean rate of the named ``head`` label (shape or colour) over the prompts naming each label."""
     by: dict[str, list[float]] = {}
-    for p, r in rates.items():
-        label = named(head)(p)
-        by.setdefault(label, []).append(r[head][label])
+    for p, rate in named_rates(rates, head).items():
+        by.setdefault(named_all(p)[head], []).append(rate)
     return {k: round(sum(v) / len(v), 4) for k, v in by.items()}
+
+
+def judged(backend, judge, prompts, seed=100) -> dict[str, dict]:
+    """Judge rates of every head per prompt, SAMPLES seeded samples each (sampled once for all heads)."""
+    from concept_guard.core.evaluate import EvalConfig, evaluate
+
+    report = evaluate(backend, prompts, EvalConfig(samples=SAMPLES, seed=seed), judge=judge)
+    return {e["prompt"]: e["rates"] for e in report["prompts"]}
 
 
 def rates(backend, judge, prompts, head, label_of, seed=100):
     """Fraction of SAMPLES seeded samples per prompt whose ``head`` label is ``label_of(prompt)``."""
-    from concept_guard.core.evaluate import EvalConfig, evaluate
+    return {p: r[head][label_of(p)] for p, r in judged(backend, judge, prompts, seed).items()}
 
-    report = evaluate(backend, prompts, EvalConfig(samples=SAMPLES, seed=seed), judge=judge)
-    return {e["prompt"]: e["rates"][head][label_of(e["prompt"])] for e in report["prompts"]}
+
+def named_rates(judged_rates: dict[str, dict], head: str) -> dict[str, float]:
+    """Per prompt that names a ``head`` label: the rate of that label."""
+    return {p: r[head][named_all(p)[head]] for p, r in judged_rates.items() if head in named_all(p)}
 
 
 def named_all(p):
@@ -108,9 +117,8 @@ def assert_within(before: dict[str, float], after: dict[str, float], points: flo
 def test_esd_x_strict_erases_circle_and_preserves_other_shapes_and_colours(backend, judge, grid_before):
     shape_of = named("shape")
     before_c = rates(backend, judge, CIRCLE_PROMPTS, "shape", shape_of)
-    before_o = rates(backend, judge, OTHER_SHAPES, "shape", shape_of)
-    with_colour = [p for p in OTHER_SHAPES if "colour" in named_all(p)]
-    before_col = rates(backend, judge, with_colour, "colour", named("colour"))
+    before_others = judged(backend, judge, OTHER_SHAPES)
+    before_o, before_col = named_rates(before_others, "shape"), named_rates(before_others, "colour")
     assert mean(before_c) >= 0.9, before_c
 
     result = train(ESDConfig(seed=0, **shapesworld_recipe("circle"), **DEMO_ESD), backend)
@@ -118,14 +126,14 @@ def test_esd_x_strict_erases_circle_and_preserves_other_shapes_and_colours(backe
         half_c = rates(backend, judge, CIRCLE_PROMPTS, "shape", shape_of)
     with attach_edit(backend, result.tensors, 1.0):
         after_c = rates(backend, judge, CIRCLE_PROMPTS, "shape", shape_of)
-        after_o = rates(backend, judge, OTHER_SHAPES, "shape", shape_of)
-        after_col = rates(backend, judge, with_colour, "colour", named("colour"))
+        after_others = judged(backend, judge, OTHER_SHAPES)
+    after_o, after_col = named_rates(after_others, "shape"), named_rates(after_others, "colour")
     print({"circle": (before_c, after_c), "others": (before_o, after_o), "colours": (before_col, after_col)})
     assert mean(after_c) <= 0.10, after_c
     print({"dial": (mean(before_c), mean(half_c), mean(after_c))})
-    assert mean(before_c) > mean(half_c) > mean(after_c), half_c  # measured 0.98 > 0.81 > 0.02
-    # Per prompt (24 samples) bounds that guard what we have (measured at worst: shape 2/24, colour 4/24 on
-    # "a red star on a black background"); the issue's bar is per shape and per colour below.
+    assert mean(before_c) > mean(half_c) > mean(after_c), half_c  # measured 0.98 > 0.82 > 0.04
+    # Per prompt (24 samples) bounds that guard what we have (measured at worst: shape 2/24 on "a yellow
+    # heart on a gray background", colour 1/24); the issue's bar is per shape and per colour below.
     assert_within(before_o, after_o, 0.10, "shape per prompt")
     assert_within(before_col, after_col, 0.20, "colour per prompt")
     # The issue's bar: on GRID prompts of the other shapes, each shape's rate (5 prompts x 32 samples) and
