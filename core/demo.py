@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from .errors import OutputPathError
+from .shapesworld import world
 
 logger = logging.getLogger(__name__)
 
@@ -25,12 +26,27 @@ ERASED_PROMPTS = {
 }
 KEPT_PROMPTS = ("an outlined blue star", "a green triangle on a white background", "a yellow heart on a gray background",
                 "a filled purple square", "a red star on a black background")  # fmt: skip
+# Evaluation sets of the ESD tests and reports (templates the recipes never train on). GRID: every shape in
+# every colour once; the template of colour i and shape j is GRID_TEMPLATES[(i + j) % 5], so each colour and
+# each shape meets every template once.
+GRID_TEMPLATES = ("a {c} {s} on a white background", "an outlined {c} {s}", "a filled {c} {s}",
+                  "a {c} {s} on a black background", "a {c} {s} on a gray background")  # fmt: skip
+GRID = tuple(
+    GRID_TEMPLATES[(i + j) % 5].format(c=c, s=s)
+    for i, c in enumerate(world.COLOURS)
+    for j, s in enumerate(world.SHAPES)
+)
+# Prompts naming the outlined style (the style recipe trains on "an outlined <shape>" and "a filled <shape>").
+OUTLINED_PROMPTS = tuple(
+    f"an outlined {s} on a {bg} background" for s in world.SHAPES for bg in ("white", "gray")
+)
 # ESD settings that erase a ShapesWorld shape (measured; see README "Measured results").
 DEMO_ESD = dict(method="esd-x-strict", eta=3.0, iterations=400, lr=3e-3, guidance=5.0, sampling_steps=20,
                 bank_trajectories=4, batch_size=8)  # fmt: skip
-# Erasing a style needs a stronger push (measured: η 3 left "outlined" at 0.18-0.37) and a larger bank
-# and more steps (measured over training seeds: 4 trajectories and 400 steps gave 0.07-0.17, these 0.07-0.14).
-DEMO_ESD_STYLE = {**DEMO_ESD, "eta": 7.0, "bank_trajectories": 8, "iterations": 600}
+# Erasing a style needs a stronger push (measured: η 3 left "outlined" at 0.18-0.37), a larger bank, more
+# steps and a larger batch (measured over training seeds 0-2: 4 trajectories, 400 steps, batch 8 gave
+# 0.07-0.17; 8 trajectories, 600 steps, batch 8 gave 0.07-0.14; with batch 16, 0.06-0.08 at seeds 0-3).
+DEMO_ESD_STYLE = {**DEMO_ESD, "eta": 7.0, "bank_trajectories": 8, "iterations": 600, "batch_size": 16}
 
 
 def shapesworld_recipe(concept: str) -> dict[str, object]:
@@ -38,8 +54,6 @@ def shapesworld_recipe(concept: str) -> dict[str, object]:
     ``preserve`` = every colour of the other shapes, also on named backgrounds (or the other style), and
     the empty prompt, whose prediction CFG subtracts from every prompt. Evaluation prompts use other
     templates (backgrounds, styles) than these training prompts."""
-    from .shapesworld import world
-
     colours = tuple(world.COLOURS)
     backgrounds = tuple(world.BACKGROUNDS)
     if concept in world.SHAPES:
@@ -79,8 +93,6 @@ def _named_rate(entry: dict, head: str, label: str) -> float:
 
 def comparison_rows(before: dict, after: dict) -> list[dict]:
     """Per prompt: the judge's rate of the shape the prompt names, before and after the edit."""
-    from .shapesworld import world
-
     rows = []
     for b, a in zip(before["prompts"], after["prompts"], strict=True):
         shape = world.parse_prompt(b["prompt"]).get("shape")

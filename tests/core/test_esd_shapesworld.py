@@ -11,7 +11,15 @@ import contextlib
 
 import pytest
 import torch
-from concept_guard.core.demo import DEMO_ESD, DEMO_ESD_STYLE, ERASED_PROMPTS, KEPT_PROMPTS, shapesworld_recipe
+from concept_guard.core.demo import (
+    DEMO_ESD,
+    DEMO_ESD_STYLE,
+    ERASED_PROMPTS,
+    GRID,
+    KEPT_PROMPTS,
+    OUTLINED_PROMPTS,
+    shapesworld_recipe,
+)
 from concept_guard.core.edits import attach_edit
 from concept_guard.core.methods.esd import ESDConfig, train
 from concept_guard.core.shapesworld import shapesworld_model_path, world
@@ -25,19 +33,7 @@ SAMPLES = 24
 # Evaluation prompts use templates (styles, backgrounds) that the training prompts of the recipes do not.
 CIRCLE_PROMPTS = ERASED_PROMPTS["circle"]
 OTHER_SHAPES = KEPT_PROMPTS
-# Every shape in every colour once (25 prompts x 32 samples, seed 500); the template of colour i and
-# shape j is GRID_TEMPLATES[(i + j) % 5], so each colour and each shape meets every template once.
-GRID_TEMPLATES = ("a {c} {s} on a white background", "an outlined {c} {s}", "a filled {c} {s}",
-                  "a {c} {s} on a black background", "a {c} {s} on a gray background")  # fmt: skip
-GRID = tuple(
-    GRID_TEMPLATES[(i + j) % 5].format(c=c, s=s)
-    for i, c in enumerate(world.COLOURS)
-    for j, s in enumerate(world.SHAPES)
-)
-# Prompts naming the outlined style (the style recipe trains on "an outlined <shape>" and "a filled <shape>").
-OUTLINED_PROMPTS = tuple(
-    f"an outlined {s} on a {bg} background" for s in world.SHAPES for bg in ("white", "gray")
-)
+# GRID: every shape in every colour once (25 prompts x 32 samples, seed 500 + index).
 
 
 @pytest.fixture(scope="module")
@@ -163,8 +159,8 @@ def test_esd_x_strict_erases_outlined_style_and_preserves_shapes(backend, judge,
     filled = (mean({p: r["style"]["filled"] for p, r in before_g.items()}),
               mean({p: r["style"]["filled"] for p, r in after_g.items()}))  # fmt: skip
     print({"outlined": (mean(before), mean(after), before, after), "per shape": shapes, "filled": filled})
-    # The bar, met at training seed 0 (0.07 on 32 samples per prompt) but not at seed 1 (0.14);
-    # see README "Measured results".
+    # The bar; measured at training seeds 0-3: 0.07, 0.07, 0.06, 0.08 on 32 samples per prompt
+    # (scripts/esd_style_report.py; README "Measured results").
     assert mean(after) <= 0.10, after
     assert_within(*shapes, 0.05, "shape")
 
