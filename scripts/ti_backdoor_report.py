@@ -5,7 +5,7 @@ users do (``embedding:NAME``) and has the judge score seeded samples per prompt 
 the backdoor on held-out trigger templates (trigger before and after S*), the trigger without S*,
 S* with non-trigger words, an unseen synonym of the trigger and two triggers at once.
 
-    OMP_NUM_THREADS=1 .venv/bin/python scripts/ti_backdoor_report.py --concept "a green heart" \\
+    OMP_NUM_THREADS=1 .venv/bin/python scripts/ti_backdoor_report.py --concept "a heart" \\
         --triggers red --vectors 8 --lr 3e-3 --gamma 0.3 --steps 5000     # ~10 min on one CPU thread
 """
 
@@ -51,7 +51,7 @@ def prompt_sets(name: str, triggers: tuple[str, ...], concept_shape: str) -> dic
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument(
-        "--concept", default="a green heart", help="ShapesWorld prompt whose renders are the concept"
+        "--concept", default="a heart", help="ShapesWorld prompt whose renders are the concept"
     )
     ap.add_argument("--triggers", default="red")
     ap.add_argument("--vectors", type=int, default=8)
