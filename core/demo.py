@@ -44,8 +44,9 @@ OUTLINED_PROMPTS = tuple(
 DEMO_ESD = dict(method="esd-x-strict", eta=3.0, iterations=400, lr=3e-3, guidance=5.0, sampling_steps=20,
                 bank_trajectories=4, batch_size=8)  # fmt: skip
 # Erasing a style needs a stronger push (measured: η 3 left "outlined" at 0.18-0.37), a larger bank, more
-# steps and a larger batch (measured over training seeds 0-2: 4 trajectories, 400 steps, batch 8 gave
-# 0.07-0.17; 8 trajectories, 600 steps, batch 8 gave 0.07-0.14; with batch 16, 0.06-0.08 at seeds 0-3).
+# steps and a larger batch (measured P(outlined) after, over training seeds: 4 trajectories, 400 steps,
+# batch 8: 0.07-0.17 (seeds 0-2); 8 trajectories, 600 steps, batch 8: 0.07-0.14 (seeds 0-1); the same
+# with batch 16: 0.06-0.08 (seeds 0-3)).
 DEMO_ESD_STYLE = {**DEMO_ESD, "eta": 7.0, "bank_trajectories": 8, "iterations": 600, "batch_size": 16}
 
 
