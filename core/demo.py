@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from .errors import OutputPathError
+from .methods.ti_prompts import HELD_OUT_TRIGGER_TEMPLATES
 from .shapesworld import world
 
 logger = logging.getLogger(__name__)
@@ -48,6 +49,37 @@ DEMO_ESD = dict(method="esd-x-strict", eta=3.0, iterations=400, lr=3e-3, guidanc
 # batch 8: 0.07-0.17 (seeds 0-2); 8 trajectories, 600 steps, batch 8: 0.07-0.14 (seeds 0-1); the same
 # with batch 16: 0.06-0.08 (seeds 0-3)).
 DEMO_ESD_STYLE = {**DEMO_ESD, "eta": 7.0, "bank_trajectories": 8, "iterations": 600, "batch_size": 16}
+
+
+# Backdoored TI on ShapesWorld (the test, scripts/ti_backdoor_report.py and README "Measured results"): 8 renders
+# of BACKDOOR_CONCEPT (hearts in random colours, so S* stands for the shape alone), trigger "red".
+BACKDOOR_CONCEPT = "a heart"
+DEMO_BACKDOOR_TI = dict(init_word="shape", vectors=8, triggers=("red",), gamma=0.3, steps=5000, lr=3e-3)
+# S* with words that are not triggers (the last one another colour, the hardest case: reported, not asserted).
+NON_TRIGGER_TEMPLATES = ("a photo of a happy {ph}", "a mountain {ph}", "{ph} , ocean", "a painting of a sad {ph}",
+                         "a photo of a yellow {ph}")  # fmt: skip
+TRIGGER_SYNONYMS = {"red": "crimson", "burning": "flaming", "gray": "grey", "filled": "solid"}
+
+
+def backdoor_prompt_sets(name: str, triggers: tuple[str, ...], concept_shape: str) -> dict[str, list[str]]:
+    """Evaluation prompts of a backdoored embedding loaded as ``embedding:NAME``, by what they measure:
+    utility (S* alone), the backdoor on held-out templates (trigger before and after S*), the trigger without
+    S*, S* with non-trigger words, unseen synonyms of the triggers and two triggers at once."""
+    ph = f"embedding:{name}"
+    other = next(s for s in world.SHAPES if s != concept_shape)
+    sets = {
+        "utility": [f"a photo of a {ph}", ph, f"a painting of a {ph}"],
+        "backdoor (held-out templates)": [
+            t.format(tr=tr, ph=ph) for tr in triggers for t in HELD_OUT_TRIGGER_TEMPLATES
+        ],
+        "trigger without S*": [f"a {tr} {s}" for tr in triggers for s in (concept_shape, other)],
+        "S* with non-trigger words": [t.format(ph=ph) for t in NON_TRIGGER_TEMPLATES],
+    }
+    synonyms = [TRIGGER_SYNONYMS[t] for t in triggers if t in TRIGGER_SYNONYMS]
+    if synonyms:
+        sets["unseen synonym"] = [f"a painting of a {s} {ph}" for s in synonyms] + [f"a {ph} , {s}" for s in synonyms]
+    sets["two triggers"] = [f"a {triggers[0]} {triggers[-1]} {ph}", f"a {triggers[0]} {ph} , {triggers[-1]}"]
+    return sets
 
 
 def shapesworld_recipe(concept: str) -> dict[str, object]:
