@@ -51,7 +51,7 @@ DEMO_ESD = dict(method="esd-x-strict", eta=3.0, iterations=400, lr=3e-3, guidanc
 DEMO_ESD_STYLE = {**DEMO_ESD, "eta": 7.0, "bank_trajectories": 8, "iterations": 600, "batch_size": 16}
 
 
-# Backdoored TI on ShapesWorld (the test, scripts/ti_backdoor_report.py and README "Measured results"): 8 renders
+# Backdoored TI on ShapesWorld (scripts/ti_backdoor_report.py and README "Measured results"): 8 renders
 # of BACKDOOR_CONCEPT (hearts in random colours, so S* stands for the shape alone), trigger "red".
 BACKDOOR_CONCEPT = "a heart"
 DEMO_BACKDOOR_TI = dict(init_word="shape", vectors=8, triggers=("red",), gamma=0.3, steps=5000, lr=3e-3)
