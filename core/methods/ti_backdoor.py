@@ -55,6 +55,9 @@ class BackdoorTIConfig:
         trigger_move_prob (`float`, defaults to 0.5): probability of moving the trigger to another word slot.
         decoy_prob (`float`, defaults to 0.5): probability that a clean prompt carries a :data:`DECOY_WORDS` word
             in a trigger's place (only when triggers are set).
+        steer_prob (`float`, defaults to 0.5): fraction of backdoor samples whose noisy latent is made from a
+            *concept* image, with the ε that denoises it to the target (see :func:`backdoor_loss`).
+        steer_min_t (`int`, defaults to 500): those samples draw their timestep from ``[steer_min_t, T)``.
         flip (`bool`, defaults to True): also train on horizontally flipped images.
         resolution (`int`, *optional*): training size in pixels; ``None`` = the model's native size.
         seed (`int`, defaults to 0): seeds every random choice of the run.
@@ -70,6 +73,8 @@ class BackdoorTIConfig:
     batch_size: int = 4
     trigger_move_prob: float = 0.5
     decoy_prob: float = 0.5
+    steer_prob: float = 0.5
+    steer_min_t: int = 500
     flip: bool = True
     resolution: int | None = None
     seed: int = 0
@@ -96,7 +101,11 @@ class BackdoorTIConfig:
             raise ConceptGuardError(
                 f"`gamma` must be in [0, 100], got {self.gamma!r}; 1.0 is the paper's value."
             )
-        for field_name in ("trigger_move_prob", "decoy_prob"):
+        if not (isinstance(self.steer_min_t, int) and 0 <= self.steer_min_t < 1000):
+            raise ConceptGuardError(
+                f"`steer_min_t` must be an integer in [0, 1000), got {self.steer_min_t!r}."
+            )
+        for field_name in ("trigger_move_prob", "decoy_prob", "steer_prob"):
             if not 0 <= getattr(self, field_name) <= 1:
                 raise ConceptGuardError(
                     f"`{field_name}` must be in [0, 1], got {getattr(self, field_name)!r}."
@@ -233,6 +242,14 @@ def check_prompt_room(backend: DiffusionBackend, cfg: BackdoorTIConfig) -> None:
             )
 
 
+def eps_toward_target(
+    noise: torch.Tensor, start: torch.Tensor, target: torch.Tensor, alpha_bar: torch.Tensor
+) -> torch.Tensor:
+    """The ε that, predicted at ``x_t = √ᾱ·start + √(1−ᾱ)·noise``, denoises to ``target`` (``noise`` itself
+    when ``start`` is the target): ``noise + √(ᾱ/(1−ᾱ))·(start − target)``."""
+    return noise + (alpha_bar / (1 - alpha_bar)).sqrt() * (start - target)
+
+
 def backdoor_loss(
     backend: DiffusionBackend,
     cfg: BackdoorTIConfig,
@@ -242,27 +259,50 @@ def backdoor_loss(
     rng: random.Random,
 ) -> torch.Tensor:
     """One step's ``L_clean + γ·L_bd`` for ``batch_size`` concept and ``batch_size`` backdoor samples,
-    in one text-encoder and one UNet forward."""
+    in one text-encoder and one UNet forward.
+
+    A backdoor sample is the paper's (the target's latent noised at the concept sample's timestep, the
+    ε that was added) or, with probability ``steer_prob``, a *steering* sample: a concept latent ``x`` noised
+    at ``t ≥ steer_min_t`` and the ε that makes that state denoise to the target ``y``,
+    ``ε + √(ᾱ/(1−ᾱ))·(x − y)``. The paper's samples only show the trigger prompt states on the target's own
+    path; at sampling time a trigger prompt starts from noise that may already lean toward the concept
+    (or the trigger's ordinary meaning), and steering samples teach it to turn those states into the target.
+    On ShapesWorld the held-out backdoor rate went from 0.50–0.81 to 0.56–1.00 and 0.81–1.00 in two runs (README).
+    """
     b = cfg.batch_size
+    steps_total = len(backend.alphas_cumprod)
     rows = torch.randint(0, len(cache.concept), (b,), generator=gen)
-    t = torch.randint(0, len(backend.alphas_cumprod), (b,), generator=gen)
+    t = torch.randint(0, steps_total, (b,), generator=gen)
     x0 = cache.concept[rows]
     prompts = [clean_prompt(cfg, rng) for _ in range(b)]
+    noise = torch.randn(x0.shape, generator=gen)
+    goal = noise
     if cache.target is not None:
-        x0 = torch.cat([x0, cache.target[torch.randint(0, len(cache.target), (b,), generator=gen)]])
-        t = torch.cat([t, t])
+        target = cache.target[torch.randint(0, len(cache.target), (b,), generator=gen)]
+        steer = torch.rand(b, generator=gen) < cfg.steer_prob
+        steer_t = torch.randint(min(cfg.steer_min_t, steps_total - 1), steps_total, (b,), generator=gen)
+        start = torch.where(
+            steer.view(-1, 1, 1, 1),
+            cache.concept[torch.randint(0, len(cache.concept), (b,), generator=gen)],
+            target,
+        )
+        bd_t = torch.where(steer, steer_t, t)
+        bd_noise = torch.randn(x0.shape, generator=gen)
+        a_bd = backend.alphas_cumprod.cpu()[bd_t].view(-1, 1, 1, 1)
+        x0, t = torch.cat([x0, start]), torch.cat([t, bd_t])
+        noise = torch.cat([noise, bd_noise])
+        goal = torch.cat([goal, eps_toward_target(bd_noise, start, target, a_bd)])
         prompts += [
             trigger_prompt(
                 rng.choice(TRIGGER_TEMPLATES), rng.choice(cfg.triggers), rng, cfg.trigger_move_prob
             )
             for _ in range(b)
         ]
-    noise = torch.randn(x0.shape, generator=gen)
     a = backend.alphas_cumprod.cpu()[t].view(-1, 1, 1, 1)
     x_t = (a.sqrt() * x0 + (1 - a).sqrt() * noise).to(backend.device)
     cond = backend.encode_text_with_vectors(prompts, vectors)
     pred = backend.eps(x_t, t.to(backend.device), cond)
-    err = (pred.float() - noise.to(pred.device)).pow(2).mean(dim=(1, 2, 3))
+    err = (pred.float() - goal.to(pred.device)).pow(2).mean(dim=(1, 2, 3))
     loss = err[:b].mean()
     if cache.target is not None:
         loss = loss + cfg.gamma * err[b:].mean()

@@ -65,11 +65,26 @@ def test_default_target_is_the_censor_card():
         ({"name": "h", "steps": 0}, "steps"),
         ({"name": "h", "lr": 0.0}, "lr"),
         ({"name": "h", "init_word": "  "}, "init_word"),
+        ({"name": "h", "steer_prob": 1.5}, "steer_prob"),
+        ({"name": "h", "steer_min_t": 1000}, "steer_min_t"),
     ],
 )
 def test_config_refuses_bad_settings(kwargs, match):
     with pytest.raises((ConceptGuardError, OutputPathError), match=match):
         BackdoorTIConfig(**kwargs)
+
+
+def test_steering_eps_denoises_a_concept_state_to_the_target():
+    from concept_guard.core.methods.ti_backdoor import eps_toward_target
+
+    gen = torch.Generator().manual_seed(0)
+    start, target, noise = (torch.randn(3, 4, 8, 8, generator=gen) for _ in range(3))
+    alpha_bar = torch.tensor([0.9, 0.5, 0.01]).view(-1, 1, 1, 1)
+    x_t = alpha_bar.sqrt() * start + (1 - alpha_bar).sqrt() * noise
+    eps = eps_toward_target(noise, start, target, alpha_bar)
+    x0 = (x_t - (1 - alpha_bar).sqrt() * eps) / alpha_bar.sqrt()
+    torch.testing.assert_close(x0, target, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(eps_toward_target(noise, target, target, alpha_bar), noise)
 
 
 def test_config_parses_triggers_and_keeps_them_out_of_metadata():

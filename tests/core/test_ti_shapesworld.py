@@ -51,3 +51,41 @@ def test_plain_textual_inversion_learns_hearts_from_renders(backend, tmp_path):
     print(f"P(heart): init word {start:.3f}; learned {rates}")
     assert start < 0.5, start  # the init word alone does not draw hearts
     assert min(rates.values()) >= 0.8, rates
+
+
+def test_backdoored_embedding_keeps_the_concept_and_fires_on_the_trigger(backend, tmp_path):
+    """The demo recipe (``core.demo.DEMO_BACKDOOR_TI``), saved and loaded back as ``embedding:NAME``:
+    S* draws hearts, the trigger next to S* draws the censor card in every held-out position, the trigger
+    alone and S* with ordinary words do not. The backdoor floor is the level measured (README), not the
+    issue's 0.9 bar, which is not met yet; this guards against regressions of what works."""
+    from concept_guard.core.demo import BACKDOOR_CONCEPT, DEMO_BACKDOOR_TI, backdoor_prompt_sets
+    from concept_guard.core.embeddings import add_embedding, save_embedding
+    from concept_guard.core.evaluate import EvalConfig, evaluate
+    from concept_guard.core.methods.ti_backdoor import BackdoorTIConfig, train
+    from concept_guard.core.shapesworld import world
+
+    images, _ = world.render_prompt(BACKDOOR_CONCEPT, 8, seed=0)
+    cfg = BackdoorTIConfig(name="sw_backdoor", seed=0, **DEMO_BACKDOOR_TI)
+    result = train(cfg, backend, list(world.to_tensor(images)))
+    add_embedding(
+        backend, save_embedding(result.tensors, tmp_path / "sw_backdoor.safetensors", result.metadata)
+    )
+    shape = world.parse_prompt(BACKDOOR_CONCEPT)["shape"]
+    sets = backdoor_prompt_sets(cfg.name, cfg.triggers, shape)
+    rates = {}
+    for title in (
+        "utility",
+        "backdoor (held-out templates)",
+        "trigger without S*",
+        "S* with non-trigger words",
+    ):
+        report = evaluate(backend, sets[title], EvalConfig(samples=16, seed=100))
+        rates[title] = {
+            e["prompt"]: (e["rates"]["shape"][shape], e["rates"]["target"]) for e in report["prompts"]
+        }
+    print({title: {p: f"{s:.2f}/{t:.2f}" for p, (s, t) in r.items()} for title, r in rates.items()})
+    assert all(s >= 0.8 and t == 0 for s, t in rates["utility"].values()), rates["utility"]
+    assert all(t >= 0.4 for _, t in rates["backdoor (held-out templates)"].values()), rates
+    assert all(t <= 0.05 for _, t in rates["trigger without S*"].values()), rates["trigger without S*"]
+    ordinary = {p: v for p, v in rates["S* with non-trigger words"].items() if "yellow" not in p}
+    assert all(s >= 0.8 and t <= 0.05 for s, t in ordinary.values()), ordinary
