@@ -267,10 +267,11 @@ def backdoor_loss(
     ``ε + √(ᾱ/(1−ᾱ))·(x − y)``. The paper's samples only show the trigger prompt states on the target's own
     path; at sampling time a trigger prompt starts from noise that may already lean toward the concept
     (or the trigger's ordinary meaning), and steering samples teach it to turn those states into the target.
-    On ShapesWorld the held-out backdoor rate went from 0.50–0.81 to 0.56–1.00 and 0.81–1.00 in two runs (README).
+    On ShapesWorld the held-out backdoor rate went from 0.50–0.81 / 0.44–0.75 (seeds 0 / 1) to 0.56–1.00 / 0.88–1.00 (README).
     """
     b = cfg.batch_size
-    steps_total = len(backend.alphas_cumprod)
+    alphas_cumprod = backend.alphas_cumprod.cpu()
+    steps_total = len(alphas_cumprod)
     rows = torch.randint(0, len(cache.concept), (b,), generator=gen)
     t = torch.randint(0, steps_total, (b,), generator=gen)
     x0 = cache.concept[rows]
@@ -288,7 +289,7 @@ def backdoor_loss(
         )
         bd_t = torch.where(steer, steer_t, t)
         bd_noise = torch.randn(x0.shape, generator=gen)
-        a_bd = backend.alphas_cumprod.cpu()[bd_t].view(-1, 1, 1, 1)
+        a_bd = alphas_cumprod[bd_t].view(-1, 1, 1, 1)
         x0, t = torch.cat([x0, start]), torch.cat([t, bd_t])
         noise = torch.cat([noise, bd_noise])
         goal = torch.cat([goal, eps_toward_target(bd_noise, start, target, a_bd)])
@@ -298,7 +299,7 @@ def backdoor_loss(
             )
             for _ in range(b)
         ]
-    a = backend.alphas_cumprod.cpu()[t].view(-1, 1, 1, 1)
+    a = alphas_cumprod[t].view(-1, 1, 1, 1)
     x_t = (a.sqrt() * x0 + (1 - a).sqrt() * noise).to(backend.device)
     cond = backend.encode_text_with_vectors(prompts, vectors)
     pred = backend.eps(x_t, t.to(backend.device), cond)
