@@ -10,5 +10,8 @@ if [ -n "${COMFYUI_PATH:-}" ]; then
 fi
 echo "[test] ruff check" >&2
 ruff check .
-echo "[test] pytest" >&2
-exec python -m pytest -q "$@"
+# Two workers (CONCEPT_GUARD_TEST_WORKERS): each test runs on one torch thread (tests/conftest.py), and the two
+# ShapesWorld training tests dominate; work stealing puts them on different cores.
+WORKERS="${CONCEPT_GUARD_TEST_WORKERS:-2}"
+echo "[test] pytest ($WORKERS workers)" >&2
+exec python -m pytest -q -n "$WORKERS" --dist worksteal "$@"

@@ -37,8 +37,12 @@ def main() -> None:
     ap.add_argument("--gamma", type=float, default=DEMO_BACKDOOR_TI["gamma"])
     ap.add_argument("--steps", type=int, default=DEMO_BACKDOOR_TI["steps"])
     ap.add_argument("--move-prob", type=float, default=0.5)
+    ap.add_argument("--trigger-samples", type=int, default=DEMO_BACKDOOR_TI.get("trigger_samples", 0))
+    ap.add_argument("--steer-prob", type=float, default=DEMO_BACKDOOR_TI.get("steer_prob", 0.5))
+    ap.add_argument("--high-noise-weight", type=float, default=DEMO_BACKDOOR_TI.get("high_noise_weight", 5.0))
     ap.add_argument("--samples", type=int, default=16)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--save", default=None, help="also keep the embedding file here")
     args = ap.parse_args()
     torch.set_num_threads(1)
     backend = DiffusersBackend.load("shapesworld")
@@ -46,7 +50,8 @@ def main() -> None:
     images, _ = world.render_prompt(args.concept, 8, seed=args.seed)
     cfg = BackdoorTIConfig(name="sw_backdoor", init_word=DEMO_BACKDOOR_TI["init_word"], vectors=args.vectors,
                            triggers=args.triggers, gamma=args.gamma, steps=args.steps, lr=args.lr, trigger_move_prob=args.move_prob,
-                           seed=args.seed)  # fmt: skip
+                           trigger_samples=args.trigger_samples, steer_prob=args.steer_prob,
+                           high_noise_weight=args.high_noise_weight, seed=args.seed)  # fmt: skip
     start = time.time()
     result = train(cfg, backend, list(world.to_tensor(images)))
     print(
@@ -55,9 +60,8 @@ def main() -> None:
         )
     )
     with tempfile.TemporaryDirectory() as tmp:
-        add_embedding(
-            backend, save_embedding(result.tensors, Path(tmp) / f"{cfg.name}.safetensors", result.metadata)
-        )
+        path = Path(args.save) if args.save else Path(tmp) / f"{cfg.name}.safetensors"
+        add_embedding(backend, save_embedding(result.tensors, path, result.metadata, overwrite=True))
     sets = backdoor_prompt_sets(cfg.name, cfg.triggers, shape)
     eval_cfg = EvalConfig(samples=args.samples, seed=100)
     print(f"{'set':<32}{'P(' + shape + ')':>10}{'P(target)':>11}  per prompt (shape, target)")
