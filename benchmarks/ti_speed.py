@@ -279,7 +279,9 @@ def main() -> None:
     cfg = BackdoorTIConfig(
         name="heart", init_word=args.init_word, vectors=args.vectors, triggers=args.triggers, steps=steps,
         lr=args.lr, batch_size=args.batch_size, resolution=size, seed=args.seed,
-        steer_prob=0.0,  # the paper's objective, which the reference loop implements (same cost per step)
+        # the paper's objective, which the reference loop implements (steering samples and loss weights cost
+        # nothing per step)
+        steer_prob=0.0, high_noise_weight=1.0,
     )  # fmt: skip
     images, _ = world.render_prompt(CONCEPT_PROMPT, IMAGES, seed=args.seed)
     target = world.to_uint8(default_target_image(size)[None])[0]

@@ -52,9 +52,12 @@ DEMO_ESD_STYLE = {**DEMO_ESD, "eta": 7.0, "bank_trajectories": 8, "iterations": 
 
 
 # Backdoored TI on ShapesWorld (scripts/ti_backdoor_report.py and README "Measured results"): 8 renders
-# of BACKDOOR_CONCEPT (hearts in random colours, so S* stands for the shape alone), trigger "red".
+# of BACKDOOR_CONCEPT (hearts in random colours, so S* stands for the shape alone), trigger "red", loss
+# weights up to 5 at high noise (the default). Measured: γ 0.3 is the only γ of 0.2 / 0.25 / 0.3 whose backdoor
+# is ≥ 0.9 in every held-out position at seed 0; decoy words in 70 % of clean prompts dropped one to 0.81.
 BACKDOOR_CONCEPT = "a heart"
-DEMO_BACKDOOR_TI = dict(init_word="shape", vectors=8, triggers=("red",), gamma=0.3, steps=5000, lr=3e-3)
+DEMO_BACKDOOR_TI = dict(init_word="shape", vectors=8, triggers=("red",), gamma=0.3, steps=5000, lr=3e-3,
+                        high_noise_weight=5.0)  # fmt: skip
 # S* with words that are not triggers (the last one another colour, the hardest case: reported, not asserted).
 NON_TRIGGER_TEMPLATES = ("a photo of a happy {ph}", "a mountain {ph}", "{ph} , ocean", "a painting of a sad {ph}",
                          "a photo of a yellow {ph}")  # fmt: skip

@@ -5,10 +5,11 @@ users do (``embedding:NAME``) and has the judge score seeded samples per prompt 
 the backdoor on held-out trigger templates (trigger before and after S*), the trigger without S*,
 S* with non-trigger words, an unseen synonym of the trigger and two triggers at once.
 
-    OMP_NUM_THREADS=1 .venv/bin/python scripts/ti_backdoor_report.py    # ~10 min on one CPU thread
+    OMP_NUM_THREADS=1 .venv/bin/python scripts/ti_backdoor_report.py    # ~8 min on one CPU thread
 
 The defaults are the recipe of ``core.demo`` (``BACKDOOR_CONCEPT``, ``DEMO_BACKDOOR_TI``), which the ShapesWorld
-test trains too: concept "a heart", trigger "red", 8 vectors, lr 3e-3, γ 0.3, 5000 steps.
+test trains too: concept "a heart", trigger "red", 8 vectors, lr 3e-3, γ 0.3, 5000 steps, loss weights up to
+5 at high noise.
 """
 
 import argparse
@@ -37,9 +38,9 @@ def main() -> None:
     ap.add_argument("--gamma", type=float, default=DEMO_BACKDOOR_TI["gamma"])
     ap.add_argument("--steps", type=int, default=DEMO_BACKDOOR_TI["steps"])
     ap.add_argument("--move-prob", type=float, default=0.5)
-    ap.add_argument("--trigger-samples", type=int, default=DEMO_BACKDOOR_TI.get("trigger_samples", 0))
     ap.add_argument("--steer-prob", type=float, default=DEMO_BACKDOOR_TI.get("steer_prob", 0.5))
     ap.add_argument("--high-noise-weight", type=float, default=DEMO_BACKDOOR_TI.get("high_noise_weight", 5.0))
+    ap.add_argument("--decoy-prob", type=float, default=DEMO_BACKDOOR_TI.get("decoy_prob", 0.5))
     ap.add_argument("--samples", type=int, default=16)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--save", default=None, help="also keep the embedding file here")
@@ -50,8 +51,8 @@ def main() -> None:
     images, _ = world.render_prompt(args.concept, 8, seed=args.seed)
     cfg = BackdoorTIConfig(name="sw_backdoor", init_word=DEMO_BACKDOOR_TI["init_word"], vectors=args.vectors,
                            triggers=args.triggers, gamma=args.gamma, steps=args.steps, lr=args.lr, trigger_move_prob=args.move_prob,
-                           trigger_samples=args.trigger_samples, steer_prob=args.steer_prob,
-                           high_noise_weight=args.high_noise_weight, seed=args.seed)  # fmt: skip
+                           steer_prob=args.steer_prob, high_noise_weight=args.high_noise_weight,
+                           decoy_prob=args.decoy_prob, seed=args.seed)  # fmt: skip
     start = time.time()
     result = train(cfg, backend, list(world.to_tensor(images)))
     print(

@@ -58,8 +58,6 @@ class BackdoorTIConfig:
         steer_prob (`float`, defaults to 0.5): fraction of backdoor samples whose noisy latent is made from a
             *concept* image, with the ε that denoises it to the target (see :func:`backdoor_loss`).
         steer_min_t (`int`, defaults to 500): those samples draw their timestep from ``[steer_min_t, T)``.
-        trigger_samples (`int`, defaults to 0): per trigger, images the frozen model draws for
-            "a <trigger> <init_word>" (the trigger's ordinary meaning), added to the steering starts.
         high_noise_weight (`float`, defaults to 5.0): every sample's loss is weighted by ``1/SNR(t)`` clipped to
             ``[1, high_noise_weight]`` (see :func:`noise_level_weights`); 1 = the plain ε-MSE of the paper.
         flip (`bool`, defaults to True): also train on horizontally flipped images.
@@ -79,7 +77,6 @@ class BackdoorTIConfig:
     decoy_prob: float = 0.5
     steer_prob: float = 0.5
     steer_min_t: int = 500
-    trigger_samples: int = 0
     high_noise_weight: float = 5.0
     flip: bool = True
     resolution: int | None = None
@@ -111,8 +108,6 @@ class BackdoorTIConfig:
             raise ConceptGuardError(
                 f"`steer_min_t` must be an integer in [0, 1000), got {self.steer_min_t!r}."
             )
-        if not (isinstance(self.trigger_samples, int) and 0 <= self.trigger_samples <= 256):
-            raise ConceptGuardError(f"`trigger_samples` must be an integer in [0, 256], got {self.trigger_samples!r}.")
         if not 1 <= self.high_noise_weight <= 1000:
             raise ConceptGuardError(
                 f"`high_noise_weight` must be in [1, 1000], got {self.high_noise_weight!r}; 1 = plain ε-MSE, 5 is usual."
@@ -187,7 +182,6 @@ class LatentCache:
 
     concept: torch.Tensor
     target: torch.Tensor | None
-    steer: torch.Tensor  # steering starts: the concept latents (+ the trigger's ordinary meaning)
 
 
 def _encode(backend: DiffusionBackend, images: torch.Tensor, flip: bool, chunk: int = 16) -> torch.Tensor:
@@ -226,24 +220,7 @@ def cache_latents(
     if cfg.triggers:
         target = default_target_image(size) if target is None else fit_image(target, size)
         target_latents = _encode(backend, target[None], cfg.flip).cpu()
-    steer = concept
-    if cfg.triggers and cfg.trigger_samples:
-        steer = torch.cat([concept, trigger_meaning_latents(backend, cfg, size // backend.vae_scale_factor)])
-    return LatentCache(concept=concept, target=target_latents, steer=steer)
-
-
-@torch.no_grad()
-def trigger_meaning_latents(backend: DiffusionBackend, cfg: BackdoorTIConfig, latent_size: int) -> torch.Tensor:
-    """What the frozen model draws for "a <trigger> <init_word>": the states a trigger prompt drifts toward
-    before the backdoor exists (on ShapesWorld, "red" pulls toward red shapes), as extra steering starts."""
-    uncond = backend.encode_text([""])
-    gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
-    out = [
-        sample(backend, backend.encode_text([f"a {trig} {cfg.init_word}"]), uncond, batch=cfg.trigger_samples,
-               generator=gen, latent_size=latent_size).float().cpu()
-        for trig in cfg.triggers
-    ]  # fmt: skip
-    return torch.cat(out)
+    return LatentCache(concept=concept, target=target_latents)
 
 
 def init_vectors(backend: DiffusionBackend, cfg: BackdoorTIConfig) -> dict[str, torch.nn.Parameter]:
@@ -324,7 +301,7 @@ def backdoor_loss(
         steer_t = torch.randint(min(cfg.steer_min_t, steps_total - 1), steps_total, (b,), generator=gen)
         start = torch.where(
             steer.view(-1, 1, 1, 1),
-            cache.steer[torch.randint(0, len(cache.steer), (b,), generator=gen)],
+            cache.concept[torch.randint(0, len(cache.concept), (b,), generator=gen)],
             target,
         )
         bd_t = torch.where(steer, steer_t, t)

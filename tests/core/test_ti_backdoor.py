@@ -68,7 +68,6 @@ def test_default_target_is_the_censor_card():
         ({"name": "h", "steer_prob": 1.5}, "steer_prob"),
         ({"name": "h", "steer_min_t": 1000}, "steer_min_t"),
         ({"name": "h", "high_noise_weight": 0.5}, "high_noise_weight"),
-        ({"name": "h", "trigger_samples": -1}, "trigger_samples"),
     ],
 )
 def test_config_refuses_bad_settings(kwargs, match):
@@ -96,20 +95,6 @@ def test_noise_level_weights_are_inverse_snr_clipped():
     w = noise_level_weights(alpha_bar, 5.0)
     torch.testing.assert_close(w, torch.tensor([1.0, 1.0, 3.0, 5.0, 5.0]))
     assert torch.equal(noise_level_weights(alpha_bar, 1.0), torch.ones(5))
-
-
-def test_trigger_samples_join_the_steering_starts(sd1_backend):
-    """The frozen model's images of "a <trigger> <init word>" are extra steering starts (concept latents first)."""
-    from concept_guard.core.methods.ti_backdoor import cache_latents
-
-    plain = BackdoorTIConfig(name="h", init_word="dog", triggers="burning, fire", resolution=16)
-    cache = cache_latents(sd1_backend, plain, _images(2), None)
-    assert torch.equal(cache.steer, cache.concept) and len(cache.concept) == 4  # 2 images + flips
-    cfg = BackdoorTIConfig(name="h", init_word="dog", triggers="burning, fire", resolution=16, trigger_samples=3)
-    cache = cache_latents(sd1_backend, cfg, _images(2), None)
-    assert cache.steer.shape == (4 + 2 * 3, *cache.concept.shape[1:])
-    assert torch.equal(cache.steer[:4], cache.concept) and torch.isfinite(cache.steer).all()
-    assert not torch.equal(cache.steer[4:7], cache.steer[7:])  # one set per trigger
 
 
 def test_config_parses_triggers_and_keeps_them_out_of_metadata():

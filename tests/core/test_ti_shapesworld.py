@@ -55,9 +55,9 @@ def test_plain_textual_inversion_learns_hearts_from_renders(backend, tmp_path):
 
 def test_backdoored_embedding_keeps_the_concept_and_fires_on_the_trigger(backend, tmp_path):
     """The demo recipe (``core.demo.DEMO_BACKDOOR_TI``), saved and loaded back as ``embedding:NAME``:
-    S* draws hearts, the trigger next to S* draws the censor card in every held-out position, the trigger
-    alone and S* with ordinary words do not. The backdoor floor is the level measured (README), not the
-    issue's 0.9 bar, which is not met yet; this guards against regressions of what works."""
+    S* draws hearts (≥ 0.8), the trigger next to S* draws the censor card in every held-out position
+    (≥ 0.9, templates never trained on), the trigger alone (≤ 0.05) and S* with ordinary words do not
+    (hearts ≥ 0.8, target ≤ 0.05; "yellow", another colour, is reported only)."""
     from concept_guard.core.demo import BACKDOOR_CONCEPT, DEMO_BACKDOOR_TI, backdoor_prompt_sets
     from concept_guard.core.embeddings import add_embedding, save_embedding
     from concept_guard.core.evaluate import EvalConfig, evaluate
@@ -85,7 +85,7 @@ def test_backdoored_embedding_keeps_the_concept_and_fires_on_the_trigger(backend
         }
     print({title: {p: f"{s:.2f}/{t:.2f}" for p, (s, t) in r.items()} for title, r in rates.items()})
     assert all(s >= 0.8 and t == 0 for s, t in rates["utility"].values()), rates["utility"]
-    assert all(t >= 0.4 for _, t in rates["backdoor (held-out templates)"].values()), rates
+    assert all(t >= 0.9 for _, t in rates["backdoor (held-out templates)"].values()), rates
     assert all(t <= 0.05 for _, t in rates["trigger without S*"].values()), rates["trigger without S*"]
     ordinary = {p: v for p, v in rates["S* with non-trigger words"].items() if "yellow" not in p}
     assert all(s >= 0.8 and t <= 0.05 for s, t in ordinary.values()), ordinary
