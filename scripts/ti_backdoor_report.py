@@ -16,6 +16,7 @@ import argparse
 import json
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -32,15 +33,16 @@ def main() -> None:
     ap.add_argument(
         "--concept", default=BACKDOOR_CONCEPT, help="ShapesWorld prompt whose renders are the concept"
     )
-    ap.add_argument("--triggers", default=",".join(DEMO_BACKDOOR_TI["triggers"]))
-    ap.add_argument("--vectors", type=int, default=DEMO_BACKDOOR_TI["vectors"])
-    ap.add_argument("--lr", type=float, default=DEMO_BACKDOOR_TI["lr"])
-    ap.add_argument("--gamma", type=float, default=DEMO_BACKDOOR_TI["gamma"])
-    ap.add_argument("--steps", type=int, default=DEMO_BACKDOOR_TI["steps"])
-    ap.add_argument("--move-prob", type=float, default=0.5)
-    ap.add_argument("--steer-prob", type=float, default=DEMO_BACKDOOR_TI.get("steer_prob", 0.5))
-    ap.add_argument("--high-noise-weight", type=float, default=DEMO_BACKDOOR_TI.get("high_noise_weight", 5.0))
-    ap.add_argument("--decoy-prob", type=float, default=DEMO_BACKDOOR_TI.get("decoy_prob", 0.5))
+    recipe = BackdoorTIConfig(name="sw_backdoor", **DEMO_BACKDOOR_TI)  # every default comes from here
+    ap.add_argument("--triggers", default=",".join(recipe.triggers))
+    ap.add_argument("--vectors", type=int, default=recipe.vectors)
+    ap.add_argument("--lr", type=float, default=recipe.lr)
+    ap.add_argument("--gamma", type=float, default=recipe.gamma)
+    ap.add_argument("--steps", type=int, default=recipe.steps)
+    ap.add_argument("--move-prob", type=float, default=recipe.trigger_move_prob)
+    ap.add_argument("--steer-prob", type=float, default=recipe.steer_prob)
+    ap.add_argument("--high-noise-weight", type=float, default=recipe.high_noise_weight)
+    ap.add_argument("--decoy-prob", type=float, default=recipe.decoy_prob)
     ap.add_argument("--samples", type=int, default=16)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--save", default=None, help="also keep the embedding file here")
@@ -49,10 +51,9 @@ def main() -> None:
     backend = DiffusersBackend.load("shapesworld")
     shape = world.parse_prompt(args.concept)["shape"]
     images, _ = world.render_prompt(args.concept, 8, seed=args.seed)
-    cfg = BackdoorTIConfig(name="sw_backdoor", init_word=DEMO_BACKDOOR_TI["init_word"], vectors=args.vectors,
-                           triggers=args.triggers, gamma=args.gamma, steps=args.steps, lr=args.lr, trigger_move_prob=args.move_prob,
-                           steer_prob=args.steer_prob, high_noise_weight=args.high_noise_weight,
-                           decoy_prob=args.decoy_prob, seed=args.seed)  # fmt: skip
+    cfg = replace(recipe, triggers=args.triggers, vectors=args.vectors, lr=args.lr, gamma=args.gamma, steps=args.steps,
+                  trigger_move_prob=args.move_prob, steer_prob=args.steer_prob, high_noise_weight=args.high_noise_weight,
+                  decoy_prob=args.decoy_prob, seed=args.seed)  # fmt: skip
     start = time.time()
     result = train(cfg, backend, list(world.to_tensor(images)))
     print(

@@ -10,8 +10,9 @@ import torch
 from concept_guard.core.backend import PLACEHOLDER
 from concept_guard.core.embeddings import read_embedding, save_embedding
 from concept_guard.core.errors import ConceptGuardError, OutputPathError
-from concept_guard.core.methods.ti_backdoor import BackdoorTIConfig, default_target_image, fit_image
+from concept_guard.core.methods.ti_backdoor import BackdoorTIConfig
 from concept_guard.core.methods.ti_backdoor import train as train_ti
+from concept_guard.core.methods.ti_images import default_target_image, fit_image
 from concept_guard.core.methods.ti_prompts import (
     HELD_OUT_TRIGGER_TEMPLATES,
     TRIGGER_TEMPLATES,
