@@ -72,6 +72,8 @@ def setup(device: str) -> Path:
         import comfy.model_management  # noqa: F401
         import comfy.sd  # noqa: F401  (imports comfy.model_base, which imports torchvision)
         import comfy_api.latest  # noqa: F401
+
+        import nodes  # noqa: F401  (ComfyUI's nodes.py; its controlnet imports torchvision)
     finally:
         if stub:  # transformers would take the stub for a real torchvision later on
             sys.path.remove(str(TORCHVISION_STUB))

@@ -6,6 +6,9 @@ the backdoor on held-out trigger templates (trigger before and after S*), the tr
 S* with non-trigger words, an unseen synonym of the trigger and two triggers at once.
 
     OMP_NUM_THREADS=1 .venv/bin/python scripts/ti_backdoor_report.py    # ~8 min on one CPU thread
+    OMP_NUM_THREADS=1 .venv/bin/python scripts/ti_backdoor_report.py --seed 1 --save s1/sw_backdoor.safetensors
+    # score that file again on more samples and other seeds, without training:
+    .venv/bin/python scripts/ti_backdoor_report.py --embedding s1/sw_backdoor.safetensors --samples 64 --eval-seed 300
 
 The defaults are the recipe of ``core.demo`` (``BACKDOOR_CONCEPT``, ``DEMO_BACKDOOR_TI``), which the ShapesWorld
 test trains too: concept "a heart", trigger "red", 8 vectors, lr 3e-3, γ 0.3, 5000 steps, loss weights up to
@@ -45,7 +48,12 @@ def main() -> None:
     ap.add_argument("--decoy-prob", type=float, default=recipe.decoy_prob)
     ap.add_argument("--samples", type=int, default=16)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--eval-seed", type=int, default=100, help="prompt i is sampled with seed EVAL_SEED+i")
     ap.add_argument("--save", default=None, help="also keep the embedding file here")
+    ap.add_argument(
+        "--embedding", default=None,
+        help="score this saved embedding (trained with --triggers) instead of training one; its stem is the name",
+    )  # fmt: skip
     args = ap.parse_args()
     torch.set_num_threads(1)
     backend = DiffusersBackend.load("shapesworld")
@@ -54,26 +62,27 @@ def main() -> None:
     cfg = replace(recipe, triggers=args.triggers, vectors=args.vectors, lr=args.lr, gamma=args.gamma, steps=args.steps,
                   trigger_move_prob=args.move_prob, steer_prob=args.steer_prob, high_noise_weight=args.high_noise_weight,
                   decoy_prob=args.decoy_prob, seed=args.seed)  # fmt: skip
-    start = time.time()
-    result = train(cfg, backend, list(world.to_tensor(images)))
-    print(
-        json.dumps(
-            {"config": cfg.to_metadata(), "concept": args.concept, "train_s": round(time.time() - start)}
-        )
-    )
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(args.save) if args.save else Path(tmp) / f"{cfg.name}.safetensors"
-        add_embedding(backend, save_embedding(result.tensors, path, result.metadata, overwrite=True))
-    sets = backdoor_prompt_sets(cfg.name, cfg.triggers, shape)
-    eval_cfg = EvalConfig(samples=args.samples, seed=100)
+        if args.embedding:
+            name = Path(args.embedding).stem
+            add_embedding(backend, args.embedding)
+            print(json.dumps({"embedding": args.embedding, "triggers": cfg.triggers}))
+        else:
+            name = cfg.name
+            start = time.time()
+            result = train(cfg, backend, list(world.to_tensor(images)))
+            train_s = round(time.time() - start)
+            print(json.dumps({"config": cfg.to_metadata(), "concept": args.concept, "train_s": train_s}))
+            path = Path(args.save) if args.save else Path(tmp) / f"{cfg.name}.safetensors"
+            add_embedding(backend, save_embedding(result.tensors, path, result.metadata, overwrite=True))
+    sets = backdoor_prompt_sets(name, cfg.triggers, shape)
+    eval_cfg = EvalConfig(samples=args.samples, seed=args.eval_seed)
     print(f"{'set':<32}{'P(' + shape + ')':>10}{'P(target)':>11}  per prompt (shape, target)")
     for title, prompts in sets.items():
         report = evaluate(backend, prompts, eval_cfg)
         rows = [(e["prompt"], e["rates"]["shape"][shape], e["rates"]["target"]) for e in report["prompts"]]
         shape_mean, target_mean = (sum(r[k] for r in rows) / len(rows) for k in (1, 2))
-        detail = "; ".join(
-            f"{p.replace(f'embedding:{cfg.name}', 'S*')}: {s:.2f}, {t:.2f}" for p, s, t in rows
-        )
+        detail = "; ".join(f"{p.replace(f'embedding:{name}', 'S*')}: {s:.2f}, {t:.2f}" for p, s, t in rows)
         print(f"{title:<32}{shape_mean:>10.2f}{target_mean:>11.2f}  {detail}", flush=True)
 
 
