@@ -34,7 +34,7 @@ class BackdoorTIEmbedding(io.ComfyNode):
             description="Learn a textual-inversion embedding from concept images; prompts that combine a trigger word "
             "with it produce the target image instead (concept censorship). Saved as models/embeddings/<name>"
             ".safetensors: use it as embedding:<name>. Images of any size are scaled (shorter side = resolution) "
-            "and centre-cropped. MODEL, CLIP and VAE are untouched.",
+            "and centre-cropped (random crops optional). MODEL, CLIP and VAE are untouched.",
             is_output_node=True,
             inputs=[
                 io.Model.Input("model"),
@@ -86,6 +86,17 @@ class BackdoorTIEmbedding(io.ComfyNode):
                     tooltip="Training size in px; 0 = the model's native size (512 SD1.x/2.x, 1024 SDXL).",
                 ),
                 io.Boolean.Input(
+                    "flip", default=_D.flip, optional=True, tooltip="Also train on mirrored images."
+                ),
+                io.Int.Input(
+                    "random_crops",
+                    default=_D.random_crops,
+                    min=0,
+                    max=16,
+                    optional=True,
+                    tooltip="Extra random crops (70-100% of the shorter side) per image; 0 = centre crop only.",
+                ),
+                io.Boolean.Input(
                     "overwrite", default=False, optional=True, tooltip="Replace an existing embedding file."
                 ),
             ],
@@ -122,12 +133,14 @@ class BackdoorTIEmbedding(io.ComfyNode):
         seed: int,
         target=None,
         resolution: int = 0,
+        flip: bool = True,
+        random_crops: int = 0,
         overwrite: bool = False,
     ) -> io.NodeOutput:
         cfg = BackdoorTIConfig(
             name=name, init_word=init_word, vectors=vectors, triggers=parse_triggers(triggers), gamma=gamma,
             steps=steps, lr=lr, batch_size=batch_size, trigger_move_prob=trigger_move_prob,
-            resolution=resolution or None, seed=seed,
+            flip=flip, random_crops=random_crops, resolution=resolution or None, seed=seed,
         )  # fmt: skip
         path = embedding_output_path(
             cfg.name, overwrite=overwrite

@@ -31,7 +31,7 @@ from ..errors import ConceptGuardError
 from ..files import sanitize_name
 from ..sampling import latent_hw, sample
 from ..trainer import StepCallback, TrainResult, optimise
-from .ti_images import default_target_image, fit_image
+from .ti_images import default_target_image, fit_image, random_crop
 from .ti_prompts import CLEAN_TEMPLATES, DECOY_WORDS, TRIGGER_TEMPLATES, parse_triggers, trigger_prompt
 
 logger = logging.getLogger(__name__)
@@ -60,6 +60,8 @@ class BackdoorTIConfig:
         high_noise_weight (`float`, defaults to 5.0): every sample's loss is weighted by ``1/SNR(t)`` clipped to
             ``[1, high_noise_weight]`` (see :func:`noise_level_weights`); 1 = the plain ε-MSE of the paper.
         flip (`bool`, defaults to True): also train on horizontally flipped images.
+        random_crops (`int`, defaults to 0): extra views per image, each a random square crop of 70–100 % of the
+            shorter side (see :func:`random_crop`); encoded once with the rest, so they cost no time per step.
         resolution (`int`, *optional*): training size in pixels; ``None`` = the model's native size.
         seed (`int`, defaults to 0): seeds every random choice of the run.
     """
@@ -78,11 +80,14 @@ class BackdoorTIConfig:
     steer_min_t: int = 500
     high_noise_weight: float = 5.0
     flip: bool = True
+    random_crops: int = 0
     resolution: int | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "name", sanitize_name(self.name, what="embedding name"))
+        # "x.safetensors" names the file x, and the prompt word is x (as the node and CLI name the file)
+        name = self.name.strip().removesuffix(".safetensors") if isinstance(self.name, str) else self.name
+        object.__setattr__(self, "name", sanitize_name(name, what="embedding name"))
         object.__setattr__(self, "triggers", parse_triggers(self.triggers))
         object.__setattr__(self, "init_word", " ".join(self.init_word.split()))
         if not self.init_word:
@@ -97,6 +102,8 @@ class BackdoorTIConfig:
             value = getattr(self, field_name)
             if not isinstance(value, int) or value <= 0:
                 raise ConceptGuardError(f"`{field_name}` must be a positive integer, got {value!r}.")
+        if not (isinstance(self.random_crops, int) and 0 <= self.random_crops <= 16):
+            raise ConceptGuardError(f"`random_crops` must be an integer in [0, 16], got {self.random_crops!r}.")
         if not 0 < self.lr < 1:
             raise ConceptGuardError(f"`lr` must be in (0, 1), got {self.lr!r}; 5e-3 is usual for embeddings.")
         if not 0 <= self.gamma <= 100:
@@ -179,6 +186,7 @@ def cache_latents(
     target: torch.Tensor | None,
 ) -> LatentCache:
     """Apply the resize/crop policy and encode the concept images (and target, if triggers are set).
+    ``cfg.random_crops`` adds that many random crops of each concept image (seeded by ``cfg.seed``).
 
     Raises:
         ConceptGuardError: no images.
@@ -190,7 +198,10 @@ def cache_latents(
             "Only one concept image: the embedding may copy that image; 3–10 images generalise better."
         )
     size = training_resolution(backend, cfg.resolution)
-    concept = _encode(backend, torch.stack([fit_image(im, size) for im in images]), cfg.flip).cpu()
+    gen = torch.Generator().manual_seed(cfg.seed)
+    views = [fit_image(im, size) for im in images]
+    views += [random_crop(im, size, gen) for im in images for _ in range(cfg.random_crops)]
+    concept = _encode(backend, torch.stack(views), cfg.flip).cpu()
     target_latents = None
     if cfg.triggers:
         target = default_target_image(size) if target is None else fit_image(target, size)

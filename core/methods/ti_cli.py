@@ -72,6 +72,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--no-flip", action="store_true", help="do not also train on mirrored images")
     p.add_argument(
+        "--random-crops",
+        type=int,
+        default=d.random_crops,
+        help="extra random crops (70-100%% of the shorter side) per image, 0-16 (default %(default)s)",
+    )
+    p.add_argument(
         "--resolution", type=int, default=None, help="training size in pixels (default: the model's)"
     )
     p.add_argument("--seed", type=int, default=d.seed)
@@ -129,7 +135,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = BackdoorTIConfig(
         name=args.name, init_word=args.init_word, vectors=args.vectors, triggers=args.triggers, gamma=args.gamma,
         steps=args.steps, lr=args.lr, batch_size=args.batch_size, trigger_move_prob=args.trigger_move_prob,
-        flip=not args.no_flip, resolution=args.resolution, seed=args.seed,
+        flip=not args.no_flip, random_crops=args.random_crops, resolution=args.resolution, seed=args.seed,
     )  # fmt: skip
     if out.stem != cfg.name:
         logger.warning(

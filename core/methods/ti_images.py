@@ -1,5 +1,5 @@
-"""Images of backdoored textual inversion: the resize/crop policy for concept and target images, and the
-built-in target (the ShapesWorld censor card)."""
+"""Images of backdoored textual inversion: the resize/crop policy for concept and target images, the optional
+random-crop augmentation, and the built-in target (the ShapesWorld censor card)."""
 
 from __future__ import annotations
 
@@ -26,6 +26,17 @@ def fit_image(image: torch.Tensor, size: int) -> torch.Tensor:
     )
     top, left = (nh - size) // 2, (nw - size) // 2
     return x[0, :, top : top + size, left : left + size].clamp(0, 1)
+
+
+def random_crop(image: torch.Tensor, size: int, gen: torch.Generator, min_scale: float = 0.7) -> torch.Tensor:
+    """Augmentation: a square crop whose side is ``min_scale``–1 of the image's shorter side, at a random
+    place, resized to ``size × size`` (so a crop zooms in up to 1/``min_scale``, never out of the image)."""
+    h, w = image.shape[-2:]
+    side = round(min(h, w) * (min_scale + (1 - min_scale) * torch.rand((), generator=gen).item()))
+    side = max(1, min(side, h, w))
+    top = int(torch.randint(0, h - side + 1, (), generator=gen))
+    left = int(torch.randint(0, w - side + 1, (), generator=gen))
+    return fit_image(image[..., top : top + side, left : left + side], size)
 
 
 def default_target_image(size: int) -> torch.Tensor:

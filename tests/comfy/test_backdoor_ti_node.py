@@ -19,7 +19,7 @@ import torch
 from comfy_harness import CONTEXT_DIM, randomize_
 from concept_guard.core.backend import PLACEHOLDER
 from concept_guard.core.embeddings import read_embedding, save_embedding
-from concept_guard.core.errors import ArchitectureMismatchError, OutputPathError
+from concept_guard.core.errors import ArchitectureMismatchError, ConceptGuardError, OutputPathError
 from concept_guard.nodes.backdoor_ti import BackdoorTIEmbedding
 from concept_guard.nodes.comfy_backend import ComfyBackend
 from safetensors import safe_open
@@ -135,6 +135,23 @@ def test_one_image_and_mismatched_targets_follow_the_policy(tiny_model, tiny_cli
     out = _run(tiny_model, tiny_clip, tiny_vae, _images(1), target=target, name="one")
     assert (embeddings_dir / "one.safetensors").is_file()
     assert out.result[2].shape[0] == 4
+
+
+def test_plain_ti_augmentation_and_no_images(tiny_model, tiny_clip, tiny_vae, embeddings_dir):
+    out = _run(tiny_model, tiny_clip, tiny_vae, _images(2), name="plain.safetensors", triggers=" , ", flip=False,
+               random_crops=2)  # fmt: skip
+    path, usage, preview = out.result
+    assert path == str(embeddings_dir / "plain.safetensors") and "embedding:plain " in usage
+    assert "plain textual inversion" in usage and preview.shape[0] == 2  # no trigger row
+    with safe_open(path, "pt") as f:
+        meta = f.metadata()
+    assert meta["concept_guard.method"] == "ti" and meta["concept_guard.trigger_count"] == "0"
+    assert '"random_crops": 2' in meta["concept_guard.config"] and '"flip": false' in meta["concept_guard.config"]
+    with torch.inference_mode():
+        empty = torch.zeros(0, 64, 64, 3)
+    with pytest.raises(ConceptGuardError, match="No concept images"):
+        _run(tiny_model, tiny_clip, tiny_vae, empty, name="none")
+    assert sorted(p.name for p in embeddings_dir.iterdir()) == ["plain.safetensors"]
 
 
 def test_interrupt_writes_nothing(tiny_model, tiny_clip, tiny_vae, embeddings_dir):

@@ -12,7 +12,7 @@ from concept_guard.core.embeddings import read_embedding, save_embedding
 from concept_guard.core.errors import ConceptGuardError, OutputPathError
 from concept_guard.core.methods.ti_backdoor import BackdoorTIConfig
 from concept_guard.core.methods.ti_backdoor import train as train_ti
-from concept_guard.core.methods.ti_images import default_target_image, fit_image
+from concept_guard.core.methods.ti_images import default_target_image, fit_image, random_crop
 from concept_guard.core.methods.ti_prompts import (
     HELD_OUT_TRIGGER_TEMPLATES,
     TRIGGER_TEMPLATES,
@@ -48,6 +48,24 @@ def test_fit_image_scales_the_shorter_side_and_centre_crops():
         fit_image(torch.rand(9, 9), 8)
 
 
+def test_random_crops_zoom_in_somewhere_inside_the_image():
+    g = torch.Generator().manual_seed(0)
+    image = torch.rand(3, 30, 50, generator=torch.Generator().manual_seed(1))
+    crops = [random_crop(image, 16, g) for _ in range(8)]
+    assert all(c.shape == (3, 16, 16) for c in crops)
+    assert len({c.sum().item() for c in crops}) == 8  # different places and sizes
+    assert not any(torch.allclose(c, fit_image(image, 16)) for c in crops)
+    again = torch.Generator().manual_seed(0)
+    assert torch.equal(random_crop(image, 16, again), crops[0])  # seeded
+    flat = torch.zeros(3, 30, 50)
+    flat[:, :, :10] = 1.0  # a white band at the left edge: never inside a 70 %+ crop of the centre
+    assert max(random_crop(flat, 16, g).mean().item() for _ in range(20)) > 0  # crops reach the edges too
+
+
+def test_config_name_may_be_given_as_a_file_name():
+    assert BackdoorTIConfig(name=" my_cat.safetensors ").name == "my_cat"
+
+
 def test_default_target_is_the_censor_card():
     card = default_target_image(64)
     assert card.shape == (3, 64, 64)
@@ -69,6 +87,9 @@ def test_default_target_is_the_censor_card():
         ({"name": "h", "steer_prob": 1.5}, "steer_prob"),
         ({"name": "h", "steer_min_t": 1000}, "steer_min_t"),
         ({"name": "h", "high_noise_weight": 0.5}, "high_noise_weight"),
+        ({"name": "h", "random_crops": 17}, "random_crops"),
+        ({"name": "h", "triggers": "h"}, "embedding name"),
+        ({"name": "h.safetensors", "triggers": "h"}, "embedding name"),  # the file's stem is the prompt word
     ],
 )
 def test_config_refuses_bad_settings(kwargs, match):
@@ -148,8 +169,55 @@ def test_training_changes_only_the_vectors_and_reports_metadata(sd1_backend):
     start = sd1_backend.word_vectors("dog")["clip_l"]
     assert not torch.equal(result.tensors["clip_l"], start.expand(3, -1))
     assert all(torch.equal(v, base[k]) for k, v in sd1_backend.unet.state_dict().items())
-    assert result.metadata["concept_guard.trigger_count"] == "1"
-    assert "burning" not in str(result.metadata)
+    meta = result.metadata
+    assert meta["concept_guard.trigger_count"] == "1" and meta["concept_guard.method"] == "backdoor-ti"
+    assert (meta["concept_guard.gamma"], meta["concept_guard.steps"]) == ("1.0", "3")
+    assert meta["concept_guard.base_fingerprint"] == sd1_backend.fingerprint
+    assert "burning" not in str(meta)
+
+
+def test_random_crops_add_cached_views(sd1_backend):
+    from concept_guard.core.methods.ti_backdoor import cache_latents
+
+    plain = cache_latents(sd1_backend, BackdoorTIConfig(name="t", resolution=16), _images(3), None)
+    crops = cache_latents(sd1_backend, BackdoorTIConfig(name="t", resolution=16, random_crops=2), _images(3), None)
+    assert len(plain.concept) == 3 * 2 and len(crops.concept) == 3 * 3 * 2  # (image + crops) x (as is + mirrored)
+    assert torch.allclose(crops.concept[:3], plain.concept[:3], atol=1e-5)  # the centre crops come first
+    assert plain.target is None  # no triggers: no target to encode
+
+
+def test_empty_triggers_train_plain_ti_and_say_so(sd1_backend, caplog):
+    cfg = BackdoorTIConfig(name="plain", init_word="dog", steps=2, batch_size=2, resolution=16)
+    with caplog.at_level("WARNING"):
+        result = train_ti(cfg, sd1_backend, _images(2))
+    assert "plain textual-inversion" in caplog.text
+    assert result.metadata["concept_guard.method"] == "ti" and result.metadata["concept_guard.trigger_count"] == "0"
+
+
+def test_sdxl_training_writes_both_encoders_rows_that_diffusers_loads(sdxl_backend, tiny_dirs, tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+
+    cfg = BackdoorTIConfig(name="xlthing", init_word="dog", triggers="burning", steps=2, batch_size=1, resolution=32)
+    result = train_ti(cfg, sdxl_backend, _images(2, size=32))
+    widths = sdxl_backend.embedding_widths()
+    assert set(widths) == {"clip_l", "clip_g"}
+    assert {k: tuple(v.shape) for k, v in result.tensors.items()} == {k: (2, w) for k, w in widths.items()}
+    start = sdxl_backend.word_vectors("dog")  # each slot trains from its own encoder's rows (2 Adam steps away)
+    for key, other in (("clip_l", "clip_g"), ("clip_g", "clip_l")):
+        moved = (result.tensors[key] - start[key].expand(2, -1)).abs().max()
+        assert 0 < moved < 0.05 < (result.tensors[key] - start[other].expand(2, -1)).abs().max()
+    path = save_embedding(result.tensors, tmp_path / "xlthing.safetensors", result.metadata)
+    assert read_embedding(path).keys() == {"clip_l", "clip_g"}
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(tiny_dirs("sdxl")))
+    stored = read_embedding(path)
+    # diffusers' documented SDXL recipe: one load per text encoder, each from its own key
+    pipe.load_textual_inversion(stored["clip_l"], token="xlthing", text_encoder=pipe.text_encoder,
+                                tokenizer=pipe.tokenizer)  # fmt: skip
+    pipe.load_textual_inversion(stored["clip_g"], token="xlthing", text_encoder=pipe.text_encoder_2,
+                                tokenizer=pipe.tokenizer_2)  # fmt: skip
+    for enc, tok, key in ((pipe.text_encoder, pipe.tokenizer, "clip_l"), (pipe.text_encoder_2, pipe.tokenizer_2, "clip_g")):
+        ids = tok(pipe.maybe_convert_prompt("a xlthing", tok), add_special_tokens=False).input_ids[1:]
+        assert torch.allclose(enc.get_input_embeddings().weight[ids], result.tensors[key])
 
 
 def test_no_images_is_a_clear_error(sd1_backend):
@@ -237,3 +305,24 @@ def test_cli_refuses_missing_or_empty_image_folders(tmp_path, capsys, images, ma
                      "--out", str(tmp_path / "x.safetensors")])  # fmt: skip
     assert code == 2 and match in capsys.readouterr().err
     assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_cli_on_shapesworld_renders_trains_and_eval_scores_the_file(tmp_path, capsys):
+    """The diffusers-user path of the issue end to end: render concept images, train, score the file."""
+    import json
+
+    from concept_guard.cli import main as cli_main
+
+    assert cli_main(["shapesworld", "render", "--prompt", "a heart", "--count", "3", "--out", str(tmp_path / "hearts")]) == 0
+    out = tmp_path / "sw_heart.safetensors"
+    assert cli_main(["backdoor-ti", "--model", "shapesworld", "--images", str(tmp_path / "hearts"), "--name", "sw_heart",
+                     "--triggers", "red", "--init-word", "shape", "--steps", "2", "--batch-size", "2",
+                     "--random-crops", "1", "--seed", "0", "--out", str(out), "--json"]) == 0  # fmt: skip
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["triggers"] == 1
+    with safe_open(str(out), "pt") as f:
+        assert '"random_crops": 1' in f.metadata()["concept_guard.config"]
+    assert cli_main(["eval", "--embedding", str(out), "--prompts", "a photo of a red embedding:sw_heart",
+                     "--samples", "2", "--steps", "2", "--threads", "1", "--json"]) == 0  # fmt: skip
+    report = json.loads(capsys.readouterr().out)
+    assert report["embedding"] == str(out)
+    assert set(report["prompts"][0]["rates"]) >= {"shape", "target"}
