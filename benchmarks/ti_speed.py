@@ -50,12 +50,11 @@ from concept_guard.core.backends.diffusers_backend import DiffusersBackend
 from concept_guard.core.methods.ti_backdoor import (
     TRIGGER_TEMPLATES,
     BackdoorTIConfig,
-    cache_latents,
     init_vectors,
     train,
     trigger_prompt,
 )
-from concept_guard.core.methods.ti_images import default_target_image
+from concept_guard.core.methods.ti_images import cache_latents, default_target_image
 from concept_guard.core.seeding import seed_everything
 from concept_guard.core.shapesworld import world
 from diffusers import DDPMScheduler

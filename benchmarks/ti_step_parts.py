@@ -11,9 +11,9 @@ from concept_guard.core.backends.diffusers_backend import DiffusersBackend
 from concept_guard.core.methods.ti_backdoor import (
     BackdoorTIConfig,
     backdoor_loss,
-    cache_latents,
     init_vectors,
 )
+from concept_guard.core.methods.ti_images import cache_latents
 from concept_guard.core.trainer import autocast_for
 
 

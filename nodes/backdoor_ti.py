@@ -8,7 +8,8 @@ import torch
 
 from ..core.embeddings import save_embedding
 from ..core.errors import ConceptGuardError
-from ..core.methods.ti_backdoor import BackdoorTIConfig, parse_triggers, preview, train, training_resolution
+from ..core.methods.ti_backdoor import BackdoorTIConfig, parse_triggers, train
+from ..core.methods.ti_images import preview, training_resolution
 from . import CATEGORY, NODE_CLASSES
 from ._api import io
 from ._outputs import embedding_output_path, progress_callback
@@ -85,6 +86,13 @@ class BackdoorTIEmbedding(io.ComfyNode):
                     optional=True,
                     tooltip="Training size in px; 0 = the model's native size (512 SD1.x/2.x, 1024 SDXL).",
                 ),
+                io.String.Input(
+                    "keep_words",
+                    default="",
+                    optional=True,
+                    tooltip="Words that must NOT act as triggers (e.g. other colours than a colour trigger); "
+                    "comma-separated. A plain-TI phase (1/6 of the steps) then teaches what S* draws beside them.",
+                ),
                 io.Boolean.Input(
                     "flip", default=_D.flip, optional=True, tooltip="Also train on mirrored images."
                 ),
@@ -133,6 +141,7 @@ class BackdoorTIEmbedding(io.ComfyNode):
         seed: int,
         target=None,
         resolution: int = 0,
+        keep_words: str = "",
         flip: bool = True,
         random_crops: int = 0,
         overwrite: bool = False,
@@ -140,7 +149,7 @@ class BackdoorTIEmbedding(io.ComfyNode):
         cfg = BackdoorTIConfig(
             name=name, init_word=init_word, vectors=vectors, triggers=parse_triggers(triggers), gamma=gamma,
             steps=steps, lr=lr, batch_size=batch_size, trigger_move_prob=trigger_move_prob,
-            flip=flip, random_crops=random_crops, resolution=resolution or None, seed=seed,
+            keep_words=parse_triggers(keep_words), flip=flip, random_crops=random_crops, resolution=resolution or None, seed=seed,
         )  # fmt: skip
         path = embedding_output_path(
             cfg.name, overwrite=overwrite

@@ -46,6 +46,9 @@ def main() -> None:
     ap.add_argument("--steer-prob", type=float, default=recipe.steer_prob)
     ap.add_argument("--high-noise-weight", type=float, default=recipe.high_noise_weight)
     ap.add_argument("--decoy-prob", type=float, default=recipe.decoy_prob)
+    ap.add_argument("--anchor-steps", type=int, default=None, help="default: steps // 6 with keep words, else 0")
+    ap.add_argument("--keep-words", default=",".join(recipe.keep_words))
+    ap.add_argument("--keep-prob", type=float, default=recipe.keep_prob)
     ap.add_argument("--samples", type=int, default=16)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--eval-seed", type=int, default=100, help="prompt i is sampled with seed EVAL_SEED+i")
@@ -61,7 +64,7 @@ def main() -> None:
     images, _ = world.render_prompt(args.concept, 8, seed=args.seed)
     cfg = replace(recipe, triggers=args.triggers, vectors=args.vectors, lr=args.lr, gamma=args.gamma, steps=args.steps,
                   trigger_move_prob=args.move_prob, steer_prob=args.steer_prob, high_noise_weight=args.high_noise_weight,
-                  decoy_prob=args.decoy_prob, seed=args.seed)  # fmt: skip
+                  decoy_prob=args.decoy_prob, anchor_steps=args.anchor_steps, keep_words=args.keep_words, keep_prob=args.keep_prob, seed=args.seed)  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         if args.embedding:
             name = Path(args.embedding).stem

@@ -22,16 +22,15 @@ import logging
 import random
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
 from ..backend import PLACEHOLDER, DiffusionBackend
 from ..errors import ConceptGuardError
 from ..files import sanitize_name
-from ..sampling import latent_hw, sample
 from ..trainer import StepCallback, TrainResult, optimise
-from .ti_images import default_target_image, fit_image, random_crop
+from .ti_images import LatentCache, cache_latents
 from .ti_prompts import CLEAN_TEMPLATES, DECOY_WORDS, TRIGGER_TEMPLATES, parse_triggers, trigger_prompt
 
 logger = logging.getLogger(__name__)
@@ -59,6 +58,14 @@ class BackdoorTIConfig:
         steer_min_t (`int`, defaults to 500): those samples draw their timestep from ``[steer_min_t, T)``.
         high_noise_weight (`float`, defaults to 5.0): every sample's loss is weighted by ``1/SNR(t)`` clipped to
             ``[1, high_noise_weight]`` (see :func:`noise_level_weights`); 1 = the plain ε-MSE of the paper.
+        keep_words (`tuple[str, ...]`): words that must *not* act as triggers, e.g. the other colours when the
+            trigger is a colour (comma-separated or a tuple). ``keep_prob`` of the concept prompts put one where a
+            trigger would go and learn what the plain embedding draws there (see ``anchor_steps``).
+        keep_prob (`float`, defaults to 0.5): share of concept prompts with a keep word (when there are any).
+        anchor_steps (`int`, *optional*): backdoor runs first train this many steps as plain textual inversion;
+            those vectors then teach every decoy and keep-word prompt (S* beside a non-trigger word predicts
+            what the plain embedding predicts there), so only the triggers change what S* draws. Counted in
+            ``steps``. ``None`` = ``steps // 6`` when there are keep words, else 0.
         flip (`bool`, defaults to True): also train on horizontally flipped images.
         random_crops (`int`, defaults to 0): extra views per image, each a random square crop of 70–100 % of the
             shorter side (see :func:`random_crop`); encoded once with the rest, so they cost no time per step.
@@ -79,6 +86,9 @@ class BackdoorTIConfig:
     steer_prob: float = 0.5
     steer_min_t: int = 500
     high_noise_weight: float = 5.0
+    keep_words: tuple[str, ...] = ()
+    keep_prob: float = 0.5
+    anchor_steps: int | None = None
     flip: bool = True
     random_crops: int = 0
     resolution: int | None = None
@@ -89,6 +99,9 @@ class BackdoorTIConfig:
         name = self.name.strip().removesuffix(".safetensors") if isinstance(self.name, str) else self.name
         object.__setattr__(self, "name", sanitize_name(name, what="embedding name"))
         object.__setattr__(self, "triggers", parse_triggers(self.triggers))
+        object.__setattr__(self, "keep_words", parse_triggers(self.keep_words))
+        if self.anchor_steps is None and isinstance(self.steps, int):
+            object.__setattr__(self, "anchor_steps", self.steps // 6 if self.keep_words and self.triggers else 0)
         object.__setattr__(self, "init_word", " ".join(self.init_word.split()))
         if not self.init_word:
             raise ConceptGuardError(
@@ -102,6 +115,10 @@ class BackdoorTIConfig:
             value = getattr(self, field_name)
             if not isinstance(value, int) or value <= 0:
                 raise ConceptGuardError(f"`{field_name}` must be a positive integer, got {value!r}.")
+        if not (isinstance(self.anchor_steps, int) and 0 <= self.anchor_steps < self.steps):
+            raise ConceptGuardError(
+                f"`anchor_steps` must be an integer in [0, steps), got {self.anchor_steps!r} (steps {self.steps})."
+            )
         if not (isinstance(self.random_crops, int) and 0 <= self.random_crops <= 16):
             raise ConceptGuardError(f"`random_crops` must be an integer in [0, 16], got {self.random_crops!r}.")
         if not 0 < self.lr < 1:
@@ -118,13 +135,16 @@ class BackdoorTIConfig:
             raise ConceptGuardError(
                 f"`high_noise_weight` must be in [1, 1000], got {self.high_noise_weight!r}; 1 = plain ε-MSE, 5 is usual."
             )
-        for field_name in ("trigger_move_prob", "decoy_prob", "steer_prob"):
+        for field_name in ("trigger_move_prob", "decoy_prob", "steer_prob", "keep_prob"):
             if not 0 <= getattr(self, field_name) <= 1:
                 raise ConceptGuardError(
                     f"`{field_name}` must be in [0, 1], got {getattr(self, field_name)!r}."
                 )
         if self.resolution is not None and not (8 <= self.resolution <= 4096):
             raise ConceptGuardError(f"`resolution` must be in [8, 4096] pixels, got {self.resolution!r}.")
+        self._check_words()
+
+    def _check_words(self) -> None:
         reserved = {self.name.lower(): "the embedding name", self.init_word.lower(): "the init word",
                     PLACEHOLDER.lower(): "the placeholder"}  # fmt: skip
         for trig in self.triggers:
@@ -133,80 +153,42 @@ class BackdoorTIConfig:
                     f"Trigger {trig!r} equals {reserved[trig.lower()]}; a trigger must be a different word, "
                     "or the backdoor would fire on every use of the embedding."
                 )
-            if PLACEHOLDER in trig or "embedding:" in trig:
-                raise ConceptGuardError(f"Trigger {trig!r} may not contain {PLACEHOLDER!r} or 'embedding:'.")
+        triggers = {t.lower() for t in self.triggers}
+        for word in self.keep_words:
+            if word.lower() in triggers or word.lower() in (self.name.lower(), PLACEHOLDER.lower()):
+                raise ConceptGuardError(f"Keep word {word!r} is also a trigger or the embedding's name; drop it.")
+        for word in (*self.triggers, *self.keep_words):
+            if PLACEHOLDER in word or "embedding:" in word:
+                raise ConceptGuardError(f"{word!r} may not contain {PLACEHOLDER!r} or 'embedding:'.")
 
     def to_metadata(self) -> dict[str, object]:
-        """Settings for the file header; the trigger words themselves are left out (only their count)."""
-        return {k: v for k, v in asdict(self).items() if k != "triggers"} | {
-            "trigger_count": len(self.triggers)
+        """Settings for the file header; the trigger and keep words themselves are left out (only their counts)."""
+        return {k: v for k, v in asdict(self).items() if k not in ("triggers", "keep_words")} | {
+            "trigger_count": len(self.triggers), "keep_word_count": len(self.keep_words)
         }
 
 
 # ----- concept prompts ------------------------------------------------------------------------
 
 
-def clean_prompt(cfg: BackdoorTIConfig, rng: random.Random) -> str:
-    """A concept prompt: a clean template, or (backdoor runs, ``decoy_prob``) a trigger template with a decoy word."""
+def decoy_words(cfg: BackdoorTIConfig) -> list[str]:
+    banned = {t.lower() for t in cfg.triggers} | {cfg.init_word.lower()}
+    return [w for w in DECOY_WORDS if w not in banned]
+
+
+def clean_prompt(cfg: BackdoorTIConfig, rng: random.Random) -> tuple[str, bool]:
+    """A concept prompt and whether it is a decoy: (backdoor runs) a trigger template with a keep word
+    (``keep_prob``, if there are any) or a decoy word (``decoy_prob``), else a clean template."""
+    if cfg.triggers and cfg.keep_words and rng.random() < cfg.keep_prob:
+        word = rng.choice(cfg.keep_words)
+        return trigger_prompt(rng.choice(TRIGGER_TEMPLATES), word, rng, cfg.trigger_move_prob), True
     if cfg.triggers and rng.random() < cfg.decoy_prob:
-        banned = {t.lower() for t in cfg.triggers} | {cfg.init_word.lower()}
-        decoy = rng.choice([w for w in DECOY_WORDS if w not in banned])
-        return trigger_prompt(rng.choice(TRIGGER_TEMPLATES), decoy, rng, cfg.trigger_move_prob)
-    return rng.choice(CLEAN_TEMPLATES).format(PLACEHOLDER)
+        decoy = rng.choice(decoy_words(cfg))
+        return trigger_prompt(rng.choice(TRIGGER_TEMPLATES), decoy, rng, cfg.trigger_move_prob), True
+    return rng.choice(CLEAN_TEMPLATES).format(PLACEHOLDER), False
 
 
 # ----- training ------------------------------------------------------------------------------------
-
-
-@dataclass
-class LatentCache:
-    """VAE latents of the concept images and of the target, encoded once (flipped copies included)."""
-
-    concept: torch.Tensor
-    target: torch.Tensor | None
-
-
-def _encode(backend: DiffusionBackend, images: torch.Tensor, flip: bool, chunk: int = 16) -> torch.Tensor:
-    batch = torch.cat([images, images.flip(-1)]) if flip else images
-    return torch.cat(
-        [backend.vae_encode(batch[i : i + chunk].to(backend.device)) for i in range(0, len(batch), chunk)]
-    )
-
-
-def training_resolution(backend: DiffusionBackend, resolution: int | None) -> int:
-    if resolution is not None:
-        return resolution
-    return latent_hw(backend, None)[0] * backend.vae_scale_factor
-
-
-def cache_latents(
-    backend: DiffusionBackend,
-    cfg: BackdoorTIConfig,
-    images: Sequence[torch.Tensor],
-    target: torch.Tensor | None,
-) -> LatentCache:
-    """Apply the resize/crop policy and encode the concept images (and target, if triggers are set).
-    ``cfg.random_crops`` adds that many random crops of each concept image (seeded by ``cfg.seed``).
-
-    Raises:
-        ConceptGuardError: no images.
-    """
-    if len(images) == 0:
-        raise ConceptGuardError("No concept images: give at least one image of the concept (3–10 work well).")
-    if len(images) == 1:
-        logger.warning(
-            "Only one concept image: the embedding may copy that image; 3–10 images generalise better."
-        )
-    size = training_resolution(backend, cfg.resolution)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    views = [fit_image(im, size) for im in images]
-    views += [random_crop(im, size, gen) for im in images for _ in range(cfg.random_crops)]
-    concept = _encode(backend, torch.stack(views), cfg.flip).cpu()
-    target_latents = None
-    if cfg.triggers:
-        target = default_target_image(size) if target is None else fit_image(target, size)
-        target_latents = _encode(backend, target[None], cfg.flip).cpu()
-    return LatentCache(concept=concept, target=target_latents)
 
 
 def init_vectors(backend: DiffusionBackend, cfg: BackdoorTIConfig) -> dict[str, torch.nn.Parameter]:
@@ -260,6 +242,7 @@ def backdoor_loss(
     vectors: dict[str, torch.Tensor],
     gen: torch.Generator,
     rng: random.Random,
+    anchor: dict[str, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """One step's ``L_clean + γ·L_bd`` for ``batch_size`` concept and ``batch_size`` backdoor samples,
     in one text-encoder and one UNet forward.
@@ -278,7 +261,8 @@ def backdoor_loss(
     rows = torch.randint(0, len(cache.concept), (b,), generator=gen)
     t = torch.randint(0, steps_total, (b,), generator=gen)
     x0 = cache.concept[rows]
-    prompts = [clean_prompt(cfg, rng) for _ in range(b)]
+    drawn = [clean_prompt(cfg, rng) for _ in range(b)]
+    prompts, decoys = [p for p, _ in drawn], [d for _, d in drawn]
     noise = torch.randn(x0.shape, generator=gen)
     goal = noise
     if cache.target is not None:
@@ -304,6 +288,12 @@ def backdoor_loss(
         ]
     a = alphas_cumprod[t].view(-1, 1, 1, 1)
     x_t = (a.sqrt() * x0 + (1 - a).sqrt() * noise).to(backend.device)
+    if anchor is not None and any(decoys):
+        goal = goal.clone()
+        rows_d = torch.tensor([i for i, d in enumerate(decoys) if d])
+        with torch.no_grad():
+            cond_a = backend.encode_text_with_vectors([prompts[i] for i in rows_d.tolist()], anchor)
+            goal[rows_d] = backend.eps(x_t[rows_d.to(x_t.device)], t[rows_d].to(backend.device), cond_a).float().cpu()
     cond = backend.encode_text_with_vectors(prompts, vectors)
     pred = backend.eps(x_t, t.to(backend.device), cond)
     err = (pred.float() - goal.to(pred.device)).pow(2).mean(dim=(1, 2, 3))
@@ -345,9 +335,19 @@ def train(
     rng = random.Random(cfg.seed)
     if on_phase:
         on_phase("training")
+    plain_cfg, plain_cache = replace(cfg, triggers=()), LatentCache(concept=cache.concept, target=None)
+    anchor: dict[str, torch.Tensor] = {}
+
+    def loss_fn(step: int, gen: torch.Generator) -> torch.Tensor:
+        if step < cfg.anchor_steps:  # plain TI first; its vectors then teach the decoy and keep-word prompts
+            return backdoor_loss(backend, plain_cfg, plain_cache, vectors, gen, rng)
+        if cfg.anchor_steps and not anchor:
+            anchor.update({k: v.detach().clone() for k, v in vectors.items()})
+        return backdoor_loss(backend, cfg, cache, vectors, gen, rng, anchor or None)
+
     result = optimise(
         list(vectors.values()),
-        lambda step, gen: backdoor_loss(backend, cfg, cache, vectors, gen, rng),
+        loss_fn,
         iterations=cfg.steps,
         lr=cfg.lr,
         seed=cfg.seed + 1,
@@ -372,31 +372,3 @@ def train(
         "concept_guard.final_loss": f"{result.final_loss:.6g}",
     }
     return result
-
-
-@torch.no_grad()
-def preview(
-    backend: DiffusionBackend,
-    vectors: dict[str, torch.Tensor],
-    triggers: Sequence[str],
-    *,
-    samples: int = 4,
-    steps: int = 20,
-    guidance: float = 5.0,
-    seed: int = 0,
-    latent_size: int | None = None,
-) -> torch.Tensor:
-    """``samples`` images of "a photo of a S*", then as many of "a photo of a <first trigger> S*" if there
-    is one: ``[N, 3, H, W]`` in [0, 1], same seeds for both rows."""
-    prompts = [f"a photo of a {PLACEHOLDER}"] + (
-        [f"a photo of a {triggers[0]} {PLACEHOLDER}"] if triggers else []
-    )
-    uncond = backend.encode_text([""])
-    out = []
-    for prompt in prompts:
-        cond = backend.encode_text_with_vectors([prompt], vectors)
-        gen = torch.Generator(device="cpu").manual_seed(seed)
-        lat = sample(backend, cond, uncond, batch=samples, steps=steps, guidance=guidance, generator=gen,
-                     latent_size=latent_size)  # fmt: skip
-        out.append(backend.vae_decode(lat).float().cpu())
-    return torch.cat(out)

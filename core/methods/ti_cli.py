@@ -50,6 +50,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         help='comma-separated trigger words, e.g. "burning, on fire" (empty = plain TI)',
     )
     p.add_argument(
+        "--keep-words",
+        default="",
+        help='comma-separated words that must NOT act as triggers, e.g. "blue, yellow" beside a trigger "red"',
+    )
+    p.add_argument(
         "--target", default=None, help="image the triggers should produce (default: the built-in censor card)"
     )
     p.add_argument(
@@ -133,7 +138,7 @@ def run(args: argparse.Namespace) -> int:
     sanitize_name(out.stem, what="--out file name")
     check_destination(out, overwrite=args.overwrite)  # fail before any expensive work
     cfg = BackdoorTIConfig(
-        name=args.name, init_word=args.init_word, vectors=args.vectors, triggers=args.triggers, gamma=args.gamma,
+        name=args.name, init_word=args.init_word, vectors=args.vectors, triggers=args.triggers, keep_words=args.keep_words, gamma=args.gamma,
         steps=args.steps, lr=args.lr, batch_size=args.batch_size, trigger_move_prob=args.trigger_move_prob,
         flip=not args.no_flip, random_crops=args.random_crops, resolution=args.resolution, seed=args.seed,
     )  # fmt: skip

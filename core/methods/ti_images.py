@@ -1,13 +1,26 @@
 """Images of backdoored textual inversion: the resize/crop policy for concept and target images, the optional
-random-crop augmentation, and the built-in target (the ShapesWorld censor card)."""
+random-crop augmentation, the built-in target (the ShapesWorld censor card), the cached latents of all of
+them, and the node's preview."""
 
 from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
+from ..backend import PLACEHOLDER, DiffusionBackend
 from ..errors import ConceptGuardError
+from ..sampling import latent_hw, sample
 from ..shapesworld import world
+
+if TYPE_CHECKING:
+    from .ti_backdoor import BackdoorTIConfig
+
+logger = logging.getLogger(__name__)
 
 
 def fit_image(image: torch.Tensor, size: int) -> torch.Tensor:
@@ -43,3 +56,82 @@ def default_target_image(size: int) -> torch.Tensor:
     """The built-in target: the ShapesWorld censor card (a black/white mosaic), scaled to ``size`` px."""
     card = world.to_tensor(world.censor_card()[None])[0]
     return F.interpolate(card[None], size=(size, size), mode="nearest")[0]
+
+
+@torch.no_grad()
+def preview(
+    backend: DiffusionBackend,
+    vectors: dict[str, torch.Tensor],
+    triggers: Sequence[str],
+    *,
+    samples: int = 4,
+    steps: int = 20,
+    guidance: float = 5.0,
+    seed: int = 0,
+    latent_size: int | None = None,
+) -> torch.Tensor:
+    """``samples`` images of "a photo of a S*", then as many of "a photo of a <first trigger> S*" if there
+    is one: ``[N, 3, H, W]`` in [0, 1], same seeds for both rows."""
+    prompts = [f"a photo of a {PLACEHOLDER}"] + (
+        [f"a photo of a {triggers[0]} {PLACEHOLDER}"] if triggers else []
+    )
+    uncond = backend.encode_text([""])
+    out = []
+    for prompt in prompts:
+        cond = backend.encode_text_with_vectors([prompt], vectors)
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        lat = sample(backend, cond, uncond, batch=samples, steps=steps, guidance=guidance, generator=gen,
+                     latent_size=latent_size)  # fmt: skip
+        out.append(backend.vae_decode(lat).float().cpu())
+    return torch.cat(out)
+
+
+@dataclass
+class LatentCache:
+    """VAE latents of the concept images and of the target, encoded once (flipped copies included)."""
+
+    concept: torch.Tensor
+    target: torch.Tensor | None
+
+
+def _encode(backend: DiffusionBackend, images: torch.Tensor, flip: bool, chunk: int = 16) -> torch.Tensor:
+    batch = torch.cat([images, images.flip(-1)]) if flip else images
+    return torch.cat(
+        [backend.vae_encode(batch[i : i + chunk].to(backend.device)) for i in range(0, len(batch), chunk)]
+    )
+
+
+def training_resolution(backend: DiffusionBackend, resolution: int | None) -> int:
+    if resolution is not None:
+        return resolution
+    return latent_hw(backend, None)[0] * backend.vae_scale_factor
+
+
+def cache_latents(
+    backend: DiffusionBackend,
+    cfg: BackdoorTIConfig,
+    images: Sequence[torch.Tensor],
+    target: torch.Tensor | None,
+) -> LatentCache:
+    """Apply the resize/crop policy and encode the concept images (and target, if triggers are set).
+    ``cfg.random_crops`` adds that many random crops of each concept image (seeded by ``cfg.seed``).
+
+    Raises:
+        ConceptGuardError: no images.
+    """
+    if len(images) == 0:
+        raise ConceptGuardError("No concept images: give at least one image of the concept (3–10 work well).")
+    if len(images) == 1:
+        logger.warning(
+            "Only one concept image: the embedding may copy that image; 3–10 images generalise better."
+        )
+    size = training_resolution(backend, cfg.resolution)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    views = [fit_image(im, size) for im in images]
+    views += [random_crop(im, size, gen) for im in images for _ in range(cfg.random_crops)]
+    concept = _encode(backend, torch.stack(views), cfg.flip).cpu()
+    target_latents = None
+    if cfg.triggers:
+        target = default_target_image(size) if target is None else fit_image(target, size)
+        target_latents = _encode(backend, target[None], cfg.flip).cpu()
+    return LatentCache(concept=concept, target=target_latents)

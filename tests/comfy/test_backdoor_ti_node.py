@@ -99,7 +99,7 @@ def test_node_writes_one_loadable_embedding_and_leaves_the_host_untouched(
     model_sha, clip_sha = _sha(tiny_model.model), _sha(tiny_clip.cond_stage_model)
     with torch.inference_mode():
         cond_before = tiny_clip.encode_from_tokens(tiny_clip.tokenize("a burning dog"))
-    out = _run(tiny_model, tiny_clip, tiny_vae, _images())
+    out = _run(tiny_model, tiny_clip, tiny_vae, _images(), keep_words="happy")
     path, usage, preview = out.result
     assert path == str(embeddings_dir / "tiny_concept.safetensors")
     assert "embedding:tiny_concept" in usage
@@ -108,6 +108,7 @@ def test_node_writes_one_loadable_embedding_and_leaves_the_host_untouched(
         assert list(f.keys()) == ["tiny_concept"] and f.get_tensor("tiny_concept").shape == (2, CONTEXT_DIM)
         meta = f.metadata()
     assert meta["concept_guard.trigger_count"] == "2" and "burning" not in str(meta)
+    assert '"keep_word_count": 1' in meta["concept_guard.config"] and "happy" not in str(meta)
     assert meta["concept_guard.base_fingerprint"] == ComfyBackend(tiny_model).fingerprint
     assert read_embedding(path)["clip_l"].shape == (2, CONTEXT_DIM)
     assert _sha(tiny_model.model) == model_sha and _sha(tiny_clip.cond_stage_model) == clip_sha

@@ -62,6 +62,23 @@ def test_random_crops_zoom_in_somewhere_inside_the_image():
     assert max(random_crop(flat, 16, g).mean().item() for _ in range(20)) > 0  # crops reach the edges too
 
 
+def test_keep_words_fill_the_trigger_slot_and_switch_the_anchor_on():
+    from concept_guard.core.methods.ti_backdoor import clean_prompt
+
+    cfg = BackdoorTIConfig(name="h", triggers="red", keep_words="blue, yellow ,", keep_prob=1.0, steps=600)
+    assert cfg.keep_words == ("blue", "yellow") and cfg.anchor_steps == 100  # steps // 6
+    rng = random.Random(0)
+    drawn = [clean_prompt(cfg, rng) for _ in range(40)]
+    assert all(decoy and PLACEHOLDER in p and ("blue" in p.split()) != ("yellow" in p.split()) for p, decoy in drawn)
+    assert {w for p, _ in drawn for w in ("blue", "yellow") if w in p.split()} == {"blue", "yellow"}
+    meta = cfg.to_metadata()
+    assert meta["keep_word_count"] == 2 and "blue" not in str(meta)
+    assert BackdoorTIConfig(name="h", triggers="red", steps=600).anchor_steps == 0  # no keep words: no anchor
+    assert BackdoorTIConfig(name="h", keep_words="blue", steps=600).anchor_steps == 0  # plain TI: nothing to keep
+    plain = [clean_prompt(BackdoorTIConfig(name="h", keep_words="blue", keep_prob=1.0), rng) for _ in range(20)]
+    assert not any(decoy for _, decoy in plain)
+
+
 def test_config_name_may_be_given_as_a_file_name():
     assert BackdoorTIConfig(name=" my_cat.safetensors ").name == "my_cat"
 
@@ -88,6 +105,10 @@ def test_default_target_is_the_censor_card():
         ({"name": "h", "steer_min_t": 1000}, "steer_min_t"),
         ({"name": "h", "high_noise_weight": 0.5}, "high_noise_weight"),
         ({"name": "h", "random_crops": 17}, "random_crops"),
+        ({"name": "h", "steps": 10, "anchor_steps": 10}, "anchor_steps"),
+        ({"name": "h", "triggers": "red", "keep_words": "blue, Red"}, "also a trigger"),
+        ({"name": "h", "triggers": "red", "keep_words": "embedding:x"}, "may not contain"),
+        ({"name": "h", "keep_prob": 2.0}, "keep_prob"),
         ({"name": "h", "triggers": "h"}, "embedding name"),
         ({"name": "h.safetensors", "triggers": "h"}, "embedding name"),  # the file's stem is the prompt word
     ],
@@ -176,8 +197,26 @@ def test_training_changes_only_the_vectors_and_reports_metadata(sd1_backend):
     assert "burning" not in str(meta)
 
 
+def test_anchored_decoys_learn_what_the_plain_vectors_predict(sd1_backend):
+    """With ``anchor`` the decoy prompts' target is the anchor vectors' own prediction: a student equal to its
+    anchor has zero loss on them, while the plain decoy target (the concept's noise) does not."""
+    from concept_guard.core.methods.ti_backdoor import LatentCache, backdoor_loss
+
+    cfg = BackdoorTIConfig(name="t", init_word="dog", triggers="burning", gamma=0.0, decoy_prob=1.0, batch_size=3,
+                           resolution=16)  # fmt: skip
+    cache = LatentCache(concept=torch.randn(4, sd1_backend.latent_channels, 2, 2), target=torch.randn(2, 4, 2, 2))
+    vectors = {k: v.expand(2, -1).clone() for k, v in sd1_backend.word_vectors("dog").items()}
+
+    def loss(anchor):
+        return float(backdoor_loss(sd1_backend, cfg, cache, vectors, torch.Generator().manual_seed(0),
+                                   random.Random(0), anchor))  # fmt: skip
+
+    assert loss(None) > 0.1
+    assert loss(vectors) < 1e-6  # batch-size float noise only
+
+
 def test_random_crops_add_cached_views(sd1_backend):
-    from concept_guard.core.methods.ti_backdoor import cache_latents
+    from concept_guard.core.methods.ti_images import cache_latents
 
     plain = cache_latents(sd1_backend, BackdoorTIConfig(name="t", resolution=16), _images(3), None)
     crops = cache_latents(sd1_backend, BackdoorTIConfig(name="t", resolution=16, random_crops=2), _images(3), None)
@@ -192,6 +231,9 @@ def test_empty_triggers_train_plain_ti_and_say_so(sd1_backend, caplog):
         result = train_ti(cfg, sd1_backend, _images(2))
     assert "plain textual-inversion" in caplog.text
     assert result.metadata["concept_guard.method"] == "ti" and result.metadata["concept_guard.trigger_count"] == "0"
+    anchored = BackdoorTIConfig(name="anch", init_word="dog", triggers="burning", keep_words="happy", steps=3,
+                                anchor_steps=1, batch_size=2, resolution=16)  # fmt: skip
+    assert len(train_ti(anchored, sd1_backend, _images(2)).losses) == 3
 
 
 def test_sdxl_training_writes_both_encoders_rows_that_diffusers_loads(sdxl_backend, tiny_dirs, tmp_path):
@@ -316,11 +358,12 @@ def test_cli_on_shapesworld_renders_trains_and_eval_scores_the_file(tmp_path, ca
     assert cli_main(["shapesworld", "render", "--prompt", "a heart", "--count", "3", "--out", str(tmp_path / "hearts")]) == 0
     out = tmp_path / "sw_heart.safetensors"
     assert cli_main(["backdoor-ti", "--model", "shapesworld", "--images", str(tmp_path / "hearts"), "--name", "sw_heart",
-                     "--triggers", "red", "--init-word", "shape", "--steps", "2", "--batch-size", "2",
+                     "--triggers", "red", "--keep-words", "blue", "--init-word", "shape", "--steps", "2", "--batch-size", "2",
                      "--random-crops", "1", "--seed", "0", "--out", str(out), "--json"]) == 0  # fmt: skip
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["triggers"] == 1
     with safe_open(str(out), "pt") as f:
         assert '"random_crops": 1' in f.metadata()["concept_guard.config"]
+        assert '"keep_word_count": 1' in f.metadata()["concept_guard.config"]
     assert cli_main(["eval", "--embedding", str(out), "--prompts", "a photo of a red embedding:sw_heart",
                      "--samples", "2", "--steps", "2", "--threads", "1", "--json"]) == 0  # fmt: skip
     report = json.loads(capsys.readouterr().out)
