@@ -67,7 +67,8 @@ TRIGGER_SYNONYMS = {"red": "crimson", "burning": "flaming", "gray": "grey", "fil
 def backdoor_prompt_sets(name: str, triggers: tuple[str, ...], concept_shape: str) -> dict[str, list[str]]:
     """Evaluation prompts of a backdoored embedding loaded as ``embedding:NAME``, by what they measure:
     utility (S* alone), the backdoor on held-out templates (trigger before and after S*), the trigger without
-    S*, S* with non-trigger words, unseen synonyms of the triggers and two triggers at once."""
+    S*, S* with non-trigger words and with each ShapesWorld colour that is not a trigger, unseen synonyms of
+    the triggers and two triggers at once (sets with no prompts, e.g. the trigger sets of plain TI, are left out)."""
     ph = f"embedding:{name}"
     other = next(s for s in world.SHAPES if s != concept_shape)
     sets = {
@@ -77,12 +78,14 @@ def backdoor_prompt_sets(name: str, triggers: tuple[str, ...], concept_shape: st
         ],
         "trigger without S*": [f"a {tr} {s}" for tr in triggers for s in (concept_shape, other)],
         "S* with non-trigger words": [t.format(ph=ph) for t in NON_TRIGGER_TEMPLATES],
+        "S* with each other colour": [f"a photo of a {c} {ph}" for c in world.COLOURS if c not in triggers],
     }
     synonyms = [TRIGGER_SYNONYMS[t] for t in triggers if t in TRIGGER_SYNONYMS]
     if synonyms:
         sets["unseen synonym"] = [f"a painting of a {s} {ph}" for s in synonyms] + [f"a {ph} , {s}" for s in synonyms]
-    sets["two triggers"] = [f"a {triggers[0]} {triggers[-1]} {ph}", f"a {triggers[0]} {ph} , {triggers[-1]}"]
-    return sets
+    if triggers:
+        sets["two triggers"] = [f"a {triggers[0]} {triggers[-1]} {ph}", f"a {triggers[0]} {ph} , {triggers[-1]}"]
+    return {title: prompts for title, prompts in sets.items() if prompts}
 
 
 def shapesworld_recipe(concept: str) -> dict[str, object]:

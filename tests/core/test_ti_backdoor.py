@@ -369,3 +369,14 @@ def test_cli_on_shapesworld_renders_trains_and_eval_scores_the_file(tmp_path, ca
     report = json.loads(capsys.readouterr().out)
     assert report["embedding"] == str(out)
     assert set(report["prompts"][0]["rates"]) >= {"shape", "target"}
+
+
+def test_report_prompt_sets_for_backdoored_and_plain_embeddings():
+    from concept_guard.core.demo import backdoor_prompt_sets
+
+    sets = backdoor_prompt_sets("e", ("red",), "heart")
+    assert sets["S* with each other colour"] == [f"a photo of a {c} embedding:e" for c in ("green", "blue", "yellow", "purple")]
+    assert all("red" in p for p in sets["backdoor (held-out templates)"]) and "two triggers" in sets
+    plain = backdoor_prompt_sets("e", (), "heart")
+    assert set(plain) == {"utility", "S* with non-trigger words", "S* with each other colour"}
+    assert len(plain["S* with each other colour"]) == 5
