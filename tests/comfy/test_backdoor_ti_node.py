@@ -133,7 +133,8 @@ def test_existing_name_and_unsafe_names_are_refused(tiny_model, tiny_clip, tiny_
 def test_one_image_and_mismatched_targets_follow_the_policy(tiny_model, tiny_clip, tiny_vae, embeddings_dir):
     with torch.inference_mode():
         target = torch.rand(1, 40, 90, 3)  # any size: scaled and centre-cropped
-    out = _run(tiny_model, tiny_clip, tiny_vae, _images(1), target=target, name="one")
+    # keep words over 6 steps: one plain-TI step, then keep-word rows taught by those vectors through ComfyUI's CLIP
+    out = _run(tiny_model, tiny_clip, tiny_vae, _images(1), target=target, name="one", keep_words="happy", steps=6)
     assert (embeddings_dir / "one.safetensors").is_file()
     assert out.result[2].shape[0] == 4
 
