@@ -179,13 +179,14 @@ def decoy_words(cfg: BackdoorTIConfig) -> list[str]:
 def clean_prompt(cfg: BackdoorTIConfig, rng: random.Random) -> tuple[str, bool]:
     """A concept prompt and whether it is a decoy: (backdoor runs) a trigger template with a keep word
     (``keep_prob``, if there are any) or a decoy word (``decoy_prob``), else a clean template."""
+    word = None
     if cfg.triggers and cfg.keep_words and rng.random() < cfg.keep_prob:
         word = rng.choice(cfg.keep_words)
-        return trigger_prompt(rng.choice(TRIGGER_TEMPLATES), word, rng, cfg.trigger_move_prob), True
-    if cfg.triggers and rng.random() < cfg.decoy_prob:
-        decoy = rng.choice(decoy_words(cfg))
-        return trigger_prompt(rng.choice(TRIGGER_TEMPLATES), decoy, rng, cfg.trigger_move_prob), True
-    return rng.choice(CLEAN_TEMPLATES).format(PLACEHOLDER), False
+    elif cfg.triggers and rng.random() < cfg.decoy_prob:
+        word = rng.choice(decoy_words(cfg))
+    if word is None:
+        return rng.choice(CLEAN_TEMPLATES).format(PLACEHOLDER), False
+    return trigger_prompt(rng.choice(TRIGGER_TEMPLATES), word, rng, cfg.trigger_move_prob), True
 
 
 # ----- training ------------------------------------------------------------------------------------
