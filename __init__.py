@@ -6,7 +6,7 @@ ComfyUI at import time, so ``import concept_guard`` works without it; ComfyUI ca
 :func:`comfy_entrypoint`, which imports the nodes lazily.
 """
 
-__version__ = "0.1.0"
+from .core.version import __version__
 
 WEB_DIRECTORY = "./web/js"
 

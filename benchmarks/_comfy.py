@@ -23,18 +23,31 @@ TORCHVISION_STUB = REPO_ROOT / "tests" / "comfy" / "stubs"
 
 #: SD1.5's UNet (LDM ``UNetModel`` arguments); ``setup`` checks that ComfyUI detects it as SD15.
 SD15_UNET = dict(
-    use_checkpoint=False, image_size=32, out_channels=4, use_spatial_transformer=True, legacy=False,
-    adm_in_channels=None, in_channels=4, model_channels=320, num_res_blocks=[2, 2, 2, 2],
-    transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0], channel_mult=[1, 2, 4, 4], transformer_depth_middle=1,
-    use_linear_in_transformer=False, context_dim=768, num_heads=8,
+    use_checkpoint=False,
+    image_size=32,
+    out_channels=4,
+    use_spatial_transformer=True,
+    legacy=False,
+    adm_in_channels=None,
+    in_channels=4,
+    model_channels=320,
+    num_res_blocks=[2, 2, 2, 2],
+    transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0],
+    channel_mult=[1, 2, 4, 4],
+    transformer_depth_middle=1,
+    use_linear_in_transformer=False,
+    context_dim=768,
+    num_heads=8,
     transformer_depth_output=[1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
-    use_temporal_attention=False, use_temporal_resblock=False,
-)  # fmt: skip
+    use_temporal_attention=False,
+    use_temporal_resblock=False,
+)
 SD15_UNET_PARAMETERS = 859_520_964
 
 #: For developing the benchmark: SD1.5's widths (320 channels, context 768) at one level (~22 M).
-TINY_UNET = dict(SD15_UNET, num_res_blocks=[1], transformer_depth=[1], channel_mult=[1],
-                 transformer_depth_output=[1, 1])  # fmt: skip
+TINY_UNET = dict(
+    SD15_UNET, num_res_blocks=[1], transformer_depth=[1], channel_mult=[1], transformer_depth_output=[1, 1]
+)
 
 
 def setup(device: str) -> Path:
@@ -106,8 +119,11 @@ def build_sd15_model(tiny: bool = False, seed: int = 0):
         raise RuntimeError(f"ComfyUI detects the UNet config as {type(config).__name__}, not SD15.")
     parameters = SD15_UNET_PARAMETERS
     load_device = mm.get_torch_device()
-    dtype = mm.unet_dtype(model_params=parameters, supported_dtypes=list(config.supported_inference_dtypes),
-                          weight_dtype=torch.float16)  # fmt: skip
+    dtype = mm.unet_dtype(
+        model_params=parameters,
+        supported_dtypes=list(config.supported_inference_dtypes),
+        weight_dtype=torch.float16,
+    )
     config.set_inference_dtype(
         dtype, mm.unet_manual_cast(dtype, load_device, config.supported_inference_dtypes)
     )

@@ -90,7 +90,9 @@ def build_backend(model: str, device: torch.device) -> DiffusersBackend:
         from sd15_random import sd15_random_pipeline  # sibling module (benchmarks run as scripts)
 
         return DiffusersBackend.from_pipeline(sd15_random_pipeline().to(device))
-    return DiffusersBackend.load(model, device=device)
+    from concept_guard.cli._run import model_path
+
+    return DiffusersBackend.load(model_path(model), device=device)
 
 
 def device_name(device: torch.device) -> str:

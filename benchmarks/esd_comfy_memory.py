@@ -40,8 +40,8 @@ METHOD = "esd-x"
 
 def trained_modules(model) -> list[str]:
     """LDM names of the modules esd-x trains (what the node's ComfyBackend selects)."""
+    from concept_guard.comfy_backend.backend import ComfyBackend
     from concept_guard.core.targets import select_for_method
-    from concept_guard.nodes.comfy_backend import ComfyBackend
 
     return select_for_method(METHOD, ComfyBackend(model).unet_module_names())
 
@@ -76,10 +76,23 @@ def run_node(model, clip, args) -> tuple[int, float]:
 
     device = torch.device(args.device)
     node = EraseConceptESD.PREPARE_CLASS_CLONE({"unique_id": "1"})
-    inputs = dict(model=model, clip=clip, concepts="a photo of a dog", method=METHOD, anchor="", eta=2.0,
-                  iterations=args.iterations, lr=1e-5, seed=args.seed, file_name="", overwrite=False,
-                  guidance=3.0, sampling_steps=args.sampling_steps, resolution=args.resolution,
-                  low_memory=args.low_memory)  # fmt: skip
+    inputs = dict(
+        model=model,
+        clip=clip,
+        concepts="a photo of a dog",
+        method=METHOD,
+        anchor="",
+        eta=2.0,
+        iterations=args.iterations,
+        lr=1e-5,
+        seed=args.seed,
+        file_name="",
+        overwrite=False,
+        guidance=3.0,
+        sampling_steps=args.sampling_steps,
+        resolution=args.resolution,
+        low_memory=args.low_memory,
+    )
     before = torch.cuda.memory_allocated() if device.type == "cuda" else 0
     with torch.inference_mode(), PeakMemory(device) as mem:
         start = time.perf_counter()
@@ -106,7 +119,7 @@ def prepare_host(model, clip, device: torch.device) -> None:
 def measure(args) -> dict:
     import comfy.model_management
     from _common import device_name, release_cpu_memory
-    from concept_guard.nodes.comfy_memory import weight_bytes
+    from concept_guard.comfy_backend.memory import weight_bytes
 
     device = torch.device(args.device)
     torch.manual_seed(args.seed)
@@ -154,9 +167,11 @@ def measure(args) -> dict:
 
 def print_table(r: dict) -> None:
     mib = 2**20
-    print(f"ESD memory inside ComfyUI on {r['device']}: {r['model']}, UNet {r['unet_dtype']}, {r['method']}, "
-          f"{r['iterations']} iterations, {r['sampling_steps']} sampling steps, batch 1, low_memory={r['low_memory']}, "
-          f"{r['resolution']} px = {r['latent_size']}x{r['latent_size']} latent ({r['node_seconds']} s)")  # fmt: skip
+    print(
+        f"ESD memory inside ComfyUI on {r['device']}: {r['model']}, UNet {r['unet_dtype']}, {r['method']}, "
+        f"{r['iterations']} iterations, {r['sampling_steps']} sampling steps, batch 1, low_memory={r['low_memory']}, "
+        f"{r['resolution']} px = {r['latent_size']}x{r['latent_size']} latent ({r['node_seconds']} s)"
+    )
     rows = [
         ("model footprint (UNet params + buffers)", r["footprint_bytes"], 1.0),
         ("peak growth during the node", r["peak_growth_bytes"], None),

@@ -52,7 +52,9 @@ def reference_loop(backend: DiffusersBackend, cfg: ESDConfig, latent_size: int, 
         x = torch.randn(1, backend.latent_channels, latent_size, latent_size, generator=gen).to(device)
         with torch.no_grad():
             for t in sched.timesteps[:k]:
-                e = base_unet(torch.cat([x, x]), t.to(device), encoder_hidden_states=torch.cat([null, cond])).sample
+                e = base_unet(
+                    torch.cat([x, x]), t.to(device), encoder_hidden_states=torch.cat([null, cond])
+                ).sample
                 e_u, e_c = e.chunk(2)
                 x = sched.step(e_u + cfg.guidance * (e_c - e_u), t, x).prev_sample
             t = sched.timesteps[k].to(device)
@@ -68,12 +70,20 @@ def reference_loop(backend: DiffusersBackend, cfg: ESDConfig, latent_size: int, 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default="shapesworld", help="'shapesworld', 'sd15-random', or a pipeline folder/file")
+    ap.add_argument(
+        "--model", default="shapesworld", help="'shapesworld', 'sd15-random', or a pipeline folder/file"
+    )
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--iterations", type=int, default=200, help="ESD iterations of our loop (default 200)")
-    ap.add_argument("--reference-iterations", type=int, default=None,
-                    help="iterations to time the reference on (default: --iterations; 10 for sd15-random on CPU)")
-    ap.add_argument("--latent-size", type=int, default=None, help="default: native (GPU or shapesworld), 16 on CPU")
+    ap.add_argument(
+        "--reference-iterations",
+        type=int,
+        default=None,
+        help="iterations to time the reference on (default: --iterations; 10 for sd15-random on CPU)",
+    )
+    ap.add_argument(
+        "--latent-size", type=int, default=None, help="default: native (GPU or shapesworld), 16 on CPU"
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
@@ -85,8 +95,12 @@ def main() -> None:
     latent = args.latent_size or (16 if cpu_big else native)
     iterations = args.iterations
     ref_iterations = args.reference_iterations or (min(10, iterations) if cpu_big else iterations)
-    cfg = ESDConfig(concepts=("circle",) if args.model == "shapesworld" else ("a photo of a dog",),
-                    iterations=iterations, seed=args.seed, latent_size=latent)
+    cfg = ESDConfig(
+        concepts=("circle",) if args.model == "shapesworld" else ("a photo of a dog",),
+        iterations=iterations,
+        seed=args.seed,
+        latent_size=latent,
+    )
     ref, _ = timed(lambda: reference_loop(backend, cfg, latent, ref_iterations), device)
     ours, _ = timed(lambda: train(cfg, backend), device)
     for r, n in ((ref, ref_iterations), (ours, iterations)):
@@ -94,8 +108,12 @@ def main() -> None:
         r["it_per_s"] = round(n / r["seconds"], 4)
     result = {
         "device": device_name(device),
-        "model": args.model, "iterations": iterations, "latent_size": latent,
-        "reference": ref, "ours": ours, "speedup": round(ours["it_per_s"] / ref["it_per_s"], 2),
+        "model": args.model,
+        "iterations": iterations,
+        "latent_size": latent,
+        "reference": ref,
+        "ours": ours,
+        "speedup": round(ours["it_per_s"] / ref["it_per_s"], 2),
     }
     if args.json:
         print(json.dumps(result))
@@ -103,8 +121,10 @@ def main() -> None:
     print(f"ESD speed on {result['device']}, model {args.model}, latent {latent}x{latent}")
     print(f"{'loop':<10} {'iters':>6} {'it/s':>10} {'seconds':>10} {'CPU s':>10} {'peak MiB':>10}")
     for name, r in (("reference", ref), ("ours", ours)):
-        print(f"{name:<10} {r['iterations']:>6} {r['it_per_s']:>10.3f} {r['seconds']:>10.2f} {r['cpu_seconds']:>10.2f} "
-              f"{r['peak_mem_bytes'] / 2**20:>10.1f}")  # fmt: skip
+        print(
+            f"{name:<10} {r['iterations']:>6} {r['it_per_s']:>10.3f} {r['seconds']:>10.2f} {r['cpu_seconds']:>10.2f} "
+            f"{r['peak_mem_bytes'] / 2**20:>10.1f}"
+        )
     cpu_ratio = (ref["cpu_seconds"] / ref_iterations) / (ours["cpu_seconds"] / iterations)
     print(f"speedup (it/s): {result['speedup']}x (CPU seconds per iteration: {cpu_ratio:.2f}x)")
 

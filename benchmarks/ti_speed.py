@@ -8,7 +8,7 @@ forward and backward into the same gradients; then AdamW (weight decay 1e-2) ove
 token-embedding matrix of a copy of the text encoder with S* added as new tokens
 (``resize_token_embeddings``), and every non-placeholder row is restored (``index_no_updates``). Its
 images go through the script's per-sample pipeline (PIL bicubic resize, random flip, per-sample
-tokenization). Ours is ``concept_guard.core.methods.ti_backdoor.train``: latents cached once, one
+tokenization). Ours is ``concept_guard.core.methods.ti_backdoor.train.train``: latents cached once, one
 batched text-encoder + UNet forward/backward for both terms, Adam over the ``n`` new rows only.
 
 Both get the same model, device, images (ShapesWorld renders of "a red heart"), target (the default
@@ -47,16 +47,16 @@ import torch.nn.functional as F
 from _common import build_backend, device_name, timed  # sibling modules (run as a script)
 from concept_guard.core.backend import PLACEHOLDER
 from concept_guard.core.backends.diffusers_backend import DiffusersBackend
-from concept_guard.core.methods.ti_backdoor import (
+from concept_guard.core.methods.ti_backdoor.images import cache_latents, default_target_image
+from concept_guard.core.methods.ti_backdoor.train import (
     TRIGGER_TEMPLATES,
     BackdoorTIConfig,
     init_vectors,
     train,
     trigger_prompt,
 )
-from concept_guard.core.methods.ti_images import cache_latents, default_target_image
 from concept_guard.core.seeding import seed_everything
-from concept_guard.core.shapesworld import world
+from concept_guard.shapesworld import world
 from diffusers import DDPMScheduler
 from diffusers.optimization import get_scheduler
 from ti_step_parts import step_parts
@@ -81,9 +81,12 @@ class ReferenceData:
 
     def ids(self, text: str) -> torch.Tensor:
         return self.tokenizer(
-            text, padding="max_length", truncation=True, max_length=self.tokenizer.model_max_length,
+            text,
+            padding="max_length",
+            truncation=True,
+            max_length=self.tokenizer.model_max_length,
             return_tensors="pt",
-        ).input_ids[0]  # fmt: skip
+        ).input_ids[0]
 
 
 def reference_loop(
@@ -263,9 +266,11 @@ def main() -> None:
         "--init-word", default="object", help="a single CLIP token (the diffusers script requires one)"
     )
     ap.add_argument(
-        "--reference-mixed-precision", choices=("no", "bf16"), default="no",
+        "--reference-mixed-precision",
+        choices=("no", "bf16"),
+        default="no",
         help="the script's --mixed_precision for the reference (autocast; CUDA only). Ours uses bf16 autocast on CUDA.",
-    )  # fmt: skip
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", action="store_true")
     ap.add_argument(
@@ -281,12 +286,20 @@ def main() -> None:
     size = args.resolution or (128 if cpu_big else backend.native_latent_size * backend.vae_scale_factor)
     steps = args.steps or (5 if cpu_big else 200)
     cfg = BackdoorTIConfig(
-        name="heart", init_word=args.init_word, vectors=args.vectors, triggers=args.triggers, steps=steps,
-        lr=args.lr, batch_size=args.batch_size, resolution=size, seed=args.seed,
+        name="heart",
+        init_word=args.init_word,
+        vectors=args.vectors,
+        triggers=args.triggers,
+        steps=steps,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        resolution=size,
+        seed=args.seed,
         # the paper's objective, which the reference loop implements (steering samples and loss weights cost
         # nothing per step)
-        steer_prob=0.0, high_noise_weight=1.0,
-    )  # fmt: skip
+        steer_prob=0.0,
+        high_noise_weight=1.0,
+    )
     images, _ = world.render_prompt(CONCEPT_PROMPT, IMAGES, seed=args.seed)
     target = world.to_uint8(default_target_image(size)[None])[0]
 
@@ -306,11 +319,18 @@ def main() -> None:
         r["it_per_s"] = round(steps / r["seconds"], 4)
     result = {
         "device": device_name(device),
-        "model": args.model, "steps": steps, "batch_size": args.batch_size, "resolution": size,
-        "vectors": args.vectors, "triggers": len(cfg.triggers), "reference_mixed_precision": args.reference_mixed_precision,
+        "model": args.model,
+        "steps": steps,
+        "batch_size": args.batch_size,
+        "resolution": size,
+        "vectors": args.vectors,
+        "triggers": len(cfg.triggers),
+        "reference_mixed_precision": args.reference_mixed_precision,
         "eval_loss_init": held_out_loss(backend, cfg, concept, start_vectors),
-        "reference": ref, "ours": ours, "speedup": round(ours["it_per_s"] / ref["it_per_s"], 2),
-    }  # fmt: skip
+        "reference": ref,
+        "ours": ours,
+        "speedup": round(ours["it_per_s"] / ref["it_per_s"], 2),
+    }
     if args.split:
         result["step_parts_ms"] = step_parts(backend, cfg, concept, size)
     if args.json:
@@ -320,12 +340,29 @@ def main() -> None:
         f"Backdoor-TI speed on {result['device']}, model {args.model}, {steps} steps, batch {args.batch_size} "
         f"(+{args.batch_size} backdoor), {size}x{size} px, {args.vectors} vectors, {len(cfg.triggers)} triggers"
     )
-    head = ("loop", "it/s", "seconds", "CPU s", "setup s", "peak MiB", "loss 1st 10%", "loss last 10%",
-            "eval loss")  # fmt: skip
+    head = (
+        "loop",
+        "it/s",
+        "seconds",
+        "CPU s",
+        "setup s",
+        "peak MiB",
+        "loss 1st 10%",
+        "loss last 10%",
+        "eval loss",
+    )
     print(f"{head[0]:<10}" + "".join(f"{h:>14}" for h in head[1:]))
     for name, r in (("reference", ref), ("ours", ours)):
-        cells = (r["it_per_s"], r["seconds"], r["cpu_seconds"], r["setup_seconds"], r["peak_mem_bytes"] / 2**20,
-                 r["loss_first_10pct"], r["loss_last_10pct"], r["eval_loss"])  # fmt: skip
+        cells = (
+            r["it_per_s"],
+            r["seconds"],
+            r["cpu_seconds"],
+            r["setup_seconds"],
+            r["peak_mem_bytes"] / 2**20,
+            r["loss_first_10pct"],
+            r["loss_last_10pct"],
+            r["eval_loss"],
+        )
         print(
             f"{name:<10}" + "".join(f"{c:>14.4f}" if k >= 5 else f"{c:>14.2f}" for k, c in enumerate(cells))
         )
@@ -334,7 +371,10 @@ def main() -> None:
     )
     print(f"speedup: {result['speedup']}x (CPU time ratio {ref['cpu_seconds'] / ours['cpu_seconds']:.2f}x)")
     if args.split:
-        print("ms per call: " + ", ".join(f"{k.removesuffix('_ms')} {v}" for k, v in result["step_parts_ms"].items()))
+        print(
+            "ms per call: "
+            + ", ".join(f"{k.removesuffix('_ms')} {v}" for k, v in result["step_parts_ms"].items())
+        )
 
 
 if __name__ == "__main__":

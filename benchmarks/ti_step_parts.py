@@ -8,12 +8,12 @@ import time
 import torch
 from concept_guard.core.backend import PLACEHOLDER, Conditioning
 from concept_guard.core.backends.diffusers_backend import DiffusersBackend
-from concept_guard.core.methods.ti_backdoor import (
+from concept_guard.core.methods.ti_backdoor.images import cache_latents
+from concept_guard.core.methods.ti_backdoor.train import (
     BackdoorTIConfig,
     backdoor_loss,
     init_vectors,
 )
-from concept_guard.core.methods.ti_images import cache_latents
 from concept_guard.core.trainer import autocast_for
 
 
@@ -83,5 +83,10 @@ def step_parts(
             done += 1
         return round((time.perf_counter() - start) / done * 1000, 2)
 
-    return {"text_encoder_fwd_bwd_ms": ms(text), "unet_fwd_bwd_ms": ms(unet), "vae_encode_batch_ms": ms(vae),
-            "adamw_table_restore_ms": ms(optimiser), "ours_step_ms": ms(ours)}  # fmt: skip
+    return {
+        "text_encoder_fwd_bwd_ms": ms(text),
+        "unet_fwd_bwd_ms": ms(unet),
+        "vae_encode_batch_ms": ms(vae),
+        "adamw_table_restore_ms": ms(optimiser),
+        "ours_step_ms": ms(ours),
+    }

@@ -76,7 +76,9 @@ class Conditioning:
         return self.repeat(batch)
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Conditioning:
-        return replace(self._map(lambda t: t.to(device=device, dtype=dtype if t.is_floating_point() else None)))
+        return replace(
+            self._map(lambda t: t.to(device=device, dtype=dtype if t.is_floating_point() else None))
+        )
 
     @staticmethod
     def cat(items: Sequence[Conditioning]) -> Conditioning:
@@ -124,7 +126,9 @@ class DiffusionBackend(Protocol):
         """
         ...
 
-    def encode_text_with_vectors(self, prompts: Sequence[str], vectors: dict[str, torch.Tensor]) -> Conditioning:
+    def encode_text_with_vectors(
+        self, prompts: Sequence[str], vectors: dict[str, torch.Tensor]
+    ) -> Conditioning:
         """Like :meth:`encode_text`, with every :data:`PLACEHOLDER` replaced by the ``[n, d]`` rows of
         ``vectors`` (one entry per slot of :meth:`embedding_widths`); differentiable with respect to them."""
         ...

@@ -36,7 +36,9 @@ def read_embedding(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         try:
             data = torch.load(str(p), map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001 - torch raises several types for unsafe or broken pickles
-            raise ConceptGuardError(f"{str(p)!r} is not a plain-tensor embedding file ({type(e).__name__}); refused.") from e
+            raise ConceptGuardError(
+                f"{str(p)!r} is not a plain-tensor embedding file ({type(e).__name__}); refused."
+            ) from e
         if isinstance(data, dict) and "string_to_param" in data:
             data = dict(data["string_to_param"])
     if not isinstance(data, dict) or not data:
@@ -45,7 +47,9 @@ def read_embedding(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         return {k: data[k].float().reshape(-1, data[k].shape[-1]) for k in ("clip_l", "clip_g") if k in data}
     tensors = [v for v in data.values() if torch.is_tensor(v)]
     if len(tensors) != 1:
-        raise ConceptGuardError(f"{str(p)!r} has {len(tensors)} tensors; expected one embedding tensor [n, d].")
+        raise ConceptGuardError(
+            f"{str(p)!r} has {len(tensors)} tensors; expected one embedding tensor [n, d]."
+        )
     t = tensors[0].float()
     return {"clip_l": t.reshape(-1, t.shape[-1])}
 
@@ -56,12 +60,19 @@ def embedding_tensors(vectors: dict[str, torch.Tensor], name: str) -> dict[str, 
     by itself; A1111, ComfyUI and kohya take the single tensor); SDXL ``clip_l`` ``[n, 768]`` and
     ``clip_g`` ``[n, 1280]``. No other tensors (A1111 and diffusers insist on one)."""
     if "clip_g" in vectors:
-        return {"clip_l": vectors["clip_l"].float().contiguous(), "clip_g": vectors["clip_g"].float().contiguous()}
+        return {
+            "clip_l": vectors["clip_l"].float().contiguous(),
+            "clip_g": vectors["clip_g"].float().contiguous(),
+        }
     return {name: vectors["clip_l"].float().contiguous()}
 
 
 def save_embedding(
-    vectors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, object], *, overwrite: bool = False
+    vectors: dict[str, torch.Tensor],
+    path: str | os.PathLike,
+    metadata: dict[str, object],
+    *,
+    overwrite: bool = False,
 ) -> Path:
     """Write ``vectors`` (``{"clip_l": [n, d]}``, SDXL also ``"clip_g"``) atomically as ``path``
     (``.safetensors``; the stem is the embedding's name), with ``metadata`` in the header."""
@@ -85,7 +96,9 @@ def add_embedding(backend, path: str | os.PathLike, name: str | None = None) -> 
     vectors = read_embedding(path)
     key_for = ["clip_l"] if len(backend.text_encoders) == 1 else ["clip_l", "clip_g"]
     if any(k not in vectors for k in key_for):
-        raise ConceptGuardError(f"Embedding {name!r} has {sorted(vectors)}; this {backend.arch} model needs {key_for}.")
+        raise ConceptGuardError(
+            f"Embedding {name!r} has {sorted(vectors)}; this {backend.arch} model needs {key_for}."
+        )
     n = vectors[key_for[0]].shape[0]
     tokens = [f"<{name}_{i}>" for i in range(n)]
     for key, enc, tok in zip(key_for, backend.text_encoders, backend.tokenizers, strict=True):
@@ -117,6 +130,8 @@ def expand_embedding_syntax(prompt: str, embedding_tokens: dict[str, list[str]])
         for key in (name, name.rsplit(".", 1)[0]):
             if key in embedding_tokens:
                 return " ".join(embedding_tokens[key])
-        raise ConceptGuardError(f"Prompt uses embedding:{name} but no such embedding is loaded (loaded: {sorted(embedding_tokens)}).")
+        raise ConceptGuardError(
+            f"Prompt uses embedding:{name} but no such embedding is loaded (loaded: {sorted(embedding_tokens)})."
+        )
 
     return _SYNTAX.sub(sub, prompt)

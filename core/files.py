@@ -50,12 +50,16 @@ def check_destination(path: str | os.PathLike, *, overwrite: bool) -> Path:
     dest = Path(path)
     folder = dest.parent if str(dest.parent) else Path(".")
     if not folder.is_dir():
-        raise OutputPathError(f"Output folder {str(folder)!r} does not exist; create it first or choose another `--out`.")
+        raise OutputPathError(
+            f"Output folder {str(folder)!r} does not exist; create it first or choose another `--out`."
+        )
     if not os.access(folder, os.W_OK):
         raise OutputPathError(f"Output folder {str(folder)!r} is not writable; choose another location.")
     if dest.exists() and not overwrite:
-        raise OutputPathError(f"{str(dest)!r} already exists; choose another name or pass `--overwrite` "
-                              "(nodes: turn on `overwrite`).")  # fmt: skip
+        raise OutputPathError(
+            f"{str(dest)!r} already exists; choose another name or pass `--overwrite` "
+            "(nodes: turn on `overwrite`)."
+        )
     return dest
 
 
@@ -115,4 +119,3 @@ def save_safetensors_atomic(
             os.unlink(tmp)
         raise
     return dest
-

@@ -48,18 +48,27 @@ def ddim_scheduler(alphas_cumprod: torch.Tensor, steps: int) -> DDIMScheduler:
     ac = alphas_cumprod.detach().double().cpu()
     betas = 1 - ac / torch.cat([ac.new_ones(1), ac[:-1]])
     scheduler = DDIMScheduler(
-        num_train_timesteps=int(ac.shape[0]), trained_betas=betas.numpy(), clip_sample=False,
-        set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading", prediction_type="epsilon",
+        num_train_timesteps=int(ac.shape[0]),
+        trained_betas=betas.numpy(),
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        timestep_spacing="leading",
+        prediction_type="epsilon",
     )
     scheduler.set_timesteps(steps)
     return scheduler
 
 
-def _check(steps: int, guidance: float, eta: float, generator: torch.Generator | None, seed: int | None) -> None:
+def _check(
+    steps: int, guidance: float, eta: float, generator: torch.Generator | None, seed: int | None
+) -> None:
     if not isinstance(steps, int) or not 1 <= steps <= 1000:
         raise ConceptGuardError(f"`steps` must be an integer in [1, 1000], got {steps!r}; 20-50 is usual.")
     if not guidance >= 0:
-        raise ConceptGuardError(f"`guidance` must be >= 0, got {guidance!r}; 1 disables guidance, 5-7.5 is usual.")
+        raise ConceptGuardError(
+            f"`guidance` must be >= 0, got {guidance!r}; 1 disables guidance, 5-7.5 is usual."
+        )
     if not eta >= 0:
         raise ConceptGuardError(f"`eta` must be >= 0, got {eta!r}; 0 is deterministic DDIM.")
     if generator is not None and seed is not None:
@@ -75,8 +84,14 @@ def latent_hw(backend: DiffusionBackend, latent_size: int | Sequence[int] | None
     return int(h), int(w)
 
 
-def _guided_eps(backend: DiffusionBackend, x: torch.Tensor, t: torch.Tensor, cond: Conditioning,
-                uncond: Conditioning, guidance: float) -> torch.Tensor:
+def _guided_eps(
+    backend: DiffusionBackend,
+    x: torch.Tensor,
+    t: torch.Tensor,
+    cond: Conditioning,
+    uncond: Conditioning,
+    guidance: float,
+) -> torch.Tensor:
     batch = x.shape[0]
     ts = t.to(backend.device).long().reshape(1).expand(batch)
     if guidance == 1.0:
@@ -86,9 +101,20 @@ def _guided_eps(backend: DiffusionBackend, x: torch.Tensor, t: torch.Tensor, con
 
 
 @torch.no_grad()
-def _run(backend: DiffusionBackend, cond: Conditioning, uncond: Conditioning, *, batch: int | None, steps: int,
-         guidance: float, generator: torch.Generator | None, seed: int | None,
-         latent_size: int | Sequence[int] | None, eta: float, keep: Sequence[int] | None):
+def _run(
+    backend: DiffusionBackend,
+    cond: Conditioning,
+    uncond: Conditioning,
+    *,
+    batch: int | None,
+    steps: int,
+    guidance: float,
+    generator: torch.Generator | None,
+    seed: int | None,
+    latent_size: int | Sequence[int] | None,
+    eta: float,
+    keep: Sequence[int] | None,
+):
     _check(steps, guidance, eta, generator, seed)
     batch = len(cond) if batch is None else int(batch)
     cond, uncond = cond.expand_to(batch), uncond.expand_to(batch)
@@ -139,8 +165,19 @@ def sample(
     Returns:
         ``[batch, C, h, w]`` fp32 latents on ``backend.device`` (decode with ``backend.vae_decode``).
     """
-    x, _, _ = _run(backend, cond, uncond, batch=batch, steps=steps, guidance=guidance, generator=generator,
-                   seed=seed, latent_size=latent_size, eta=eta, keep=())
+    x, _, _ = _run(
+        backend,
+        cond,
+        uncond,
+        batch=batch,
+        steps=steps,
+        guidance=guidance,
+        generator=generator,
+        seed=seed,
+        latent_size=latent_size,
+        eta=eta,
+        keep=(),
+    )
     return x
 
 
@@ -167,8 +204,19 @@ def sample_trajectory(
     Returns:
         :class:`Trajectory` (``latents [S, B, C, h, w]``, ``timesteps [S]``), unpackable as a tuple.
     """
-    _, kept, kept_t = _run(backend, cond, uncond, batch=batch, steps=steps, guidance=guidance,
-                           generator=generator, seed=seed, latent_size=latent_size, eta=eta, keep=keep)
+    _, kept, kept_t = _run(
+        backend,
+        cond,
+        uncond,
+        batch=batch,
+        steps=steps,
+        guidance=guidance,
+        generator=generator,
+        seed=seed,
+        latent_size=latent_size,
+        eta=eta,
+        keep=keep,
+    )
     if not kept:
         raise ConceptGuardError(f"`keep`={keep!r} selects none of the {steps} steps.")
     return Trajectory(latents=torch.stack(kept), timesteps=torch.tensor(kept_t, dtype=torch.long))

@@ -93,7 +93,11 @@ def optimise(
         TrainingDivergedError: the loss became NaN or infinite (training stops at once).
     """
     params = [p for p in params]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay) if weight_decay else torch.optim.Adam(params, lr=lr)
+    opt = (
+        torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+        if weight_decay
+        else torch.optim.Adam(params, lr=lr)
+    )
     gen = make_generator(seed)
     losses: list[float] = []
     start = time.perf_counter()

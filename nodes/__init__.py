@@ -1,21 +1,19 @@
 """ComfyUI nodes of Concept Guard (imported only by ComfyUI, through ``comfy_entrypoint``).
 
-Node modules add their classes to :data:`NODE_CLASSES`; :class:`ConceptGuardExtension` hands that
-list to ComfyUI, and the server smoke test (``tests/comfy/test_server_smoke.py``) checks that every
-class in it shows up in ``/object_info`` under the "Concept Guard" category.
+Every node class is listed in :data:`NODE_CLASSES`, explicitly: a node module that fails to import is an
+import error, never a silently missing node. :class:`ConceptGuardExtension` hands the list to ComfyUI.
 """
 
 from __future__ import annotations
 
-import importlib
-
-from ._api import ComfyExtension, io
+from ._api import CATEGORY, ComfyExtension, io
+from .apply_edit import ApplyEditedUNet
+from .backdoor_ti import BackdoorTIEmbedding
+from .convert_edit import ConvertEdit
+from .esd import EraseConceptESD
 
 #: Every node class the pack registers (V3 ``io.ComfyNode`` subclasses).
-NODE_CLASSES: list[type[io.ComfyNode]] = []
-
-#: Category of every node (sub-categories are written ``"Concept Guard/<sub>"``).
-CATEGORY = "Concept Guard"
+NODE_CLASSES: list[type[io.ComfyNode]] = [EraseConceptESD, BackdoorTIEmbedding, ApplyEditedUNet, ConvertEdit]
 
 
 class ConceptGuardExtension(ComfyExtension):
@@ -24,15 +22,5 @@ class ConceptGuardExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
         return list(NODE_CLASSES)
 
-
-#: Node modules, imported below; each appends its classes to NODE_CLASSES. Add new modules here.
-_NODE_MODULES = ("esd", "apply_edit", "backdoor_ti", "convert_edit")
-
-for _name in _NODE_MODULES:
-    try:
-        importlib.import_module(f"{__name__}.{_name}")
-    except ModuleNotFoundError as e:  # a node module not built yet is skipped; its own errors are not
-        if e.name != f"{__name__}.{_name}":
-            raise
 
 __all__ = ["CATEGORY", "NODE_CLASSES", "ConceptGuardExtension"]

@@ -6,4 +6,7 @@ version (``comfy_api.latest`` today) is a one-line edit.
 
 from comfy_api.latest import ComfyExtension, io, ui
 
-__all__ = ["ComfyExtension", "io", "ui"]
+#: Category of every node (sub-categories are written ``"Concept Guard/<sub>"``).
+CATEGORY = "Concept Guard"
+
+__all__ = ["CATEGORY", "ComfyExtension", "io", "ui"]

@@ -6,25 +6,12 @@ import logging
 
 import folder_paths
 
-from ..core.edit_formats import read_edit_file
-from ..core.edit_target import TargetUNet
-from . import CATEGORY, NODE_CLASSES
-from ._api import io
-from .comfy_backend import UNET_PREFIX
-from .patches import make_patched_model
+from ..comfy_backend.model_info import unet_target
+from ..comfy_backend.patches import make_patched_model
+from ..core.edits.read import read_edit_file
+from ._api import CATEGORY, io
 
 logger = logging.getLogger(__name__)
-
-
-def unet_target(model) -> TargetUNet:
-    """The MODEL's UNet as edit readers see it, with its *unpatched* weights (a LoRA loaded in front of this
-    node changes the module's tensors in place while loaded; ComfyUI keeps the originals in ``backup``)."""
-    backup = getattr(model, "backup", {})
-    state = {}
-    for name, tensor in model.model.diffusion_model.state_dict().items():
-        saved = backup.get(UNET_PREFIX + name)
-        state[name] = saved.weight if saved is not None else tensor
-    return TargetUNet.from_ldm_state_dict(state)
 
 
 class ApplyEditedUNet(io.ComfyNode):
@@ -39,10 +26,19 @@ class ApplyEditedUNet(io.ComfyNode):
             "recognised from content. The input MODEL is untouched.",
             inputs=[
                 io.Model.Input("model"),
-                io.Combo.Input("edit", options=folder_paths.get_filename_list("loras"),
-                               tooltip="An edit file in models/loras (our edits are in models/loras/concept_guard/)."),
-                io.Float.Input("strength", default=1.0, min=-2.0, max=2.0, step=0.05,
-                               tooltip="0 = the base model, 1 = the edit as trained, negative values invert it."),
+                io.Combo.Input(
+                    "edit",
+                    options=folder_paths.get_filename_list("loras"),
+                    tooltip="An edit file in models/loras (our edits are in models/loras/concept_guard/).",
+                ),
+                io.Float.Input(
+                    "strength",
+                    default=1.0,
+                    min=-2.0,
+                    max=2.0,
+                    step=0.05,
+                    tooltip="0 = the base model, 1 = the edit as trained, negative values invert it.",
+                ),
             ],
             outputs=[io.Model.Output(display_name="MODEL"), io.String.Output(display_name="report")],
         )
@@ -54,6 +50,3 @@ class ApplyEditedUNet(io.ComfyNode):
         report = loaded.summary(strength)
         logger.info("Apply Edited UNet:\n%s", report)
         return io.NodeOutput(make_patched_model(model, loaded.deltas, strength), report)
-
-
-NODE_CLASSES.append(ApplyEditedUNet)

@@ -6,14 +6,13 @@ import logging
 
 import torch
 
+from ..comfy_backend.backend import ComfyBackend
 from ..core.embeddings import save_embedding
 from ..core.errors import ConceptGuardError
 from ..core.methods.ti_backdoor import BackdoorTIConfig, parse_triggers, train
-from ..core.methods.ti_images import preview, training_resolution
-from . import CATEGORY, NODE_CLASSES
-from ._api import io
-from ._outputs import embedding_output_path, progress_callback
-from .comfy_backend import ComfyBackend
+from ..core.methods.ti_backdoor.images import preview, training_resolution
+from ._api import CATEGORY, io
+from ._io import embedding_output_path, progress_callback
 
 logger = logging.getLogger(__name__)
 _D = BackdoorTIConfig(name="x")
@@ -147,10 +146,21 @@ class BackdoorTIEmbedding(io.ComfyNode):
         overwrite: bool = False,
     ) -> io.NodeOutput:
         cfg = BackdoorTIConfig(
-            name=name, init_word=init_word, vectors=vectors, triggers=parse_triggers(triggers), gamma=gamma,
-            steps=steps, lr=lr, batch_size=batch_size, trigger_move_prob=trigger_move_prob,
-            keep_words=parse_triggers(keep_words), flip=flip, random_crops=random_crops, resolution=resolution or None, seed=seed,
-        )  # fmt: skip
+            name=name,
+            init_word=init_word,
+            vectors=vectors,
+            triggers=parse_triggers(triggers),
+            gamma=gamma,
+            steps=steps,
+            lr=lr,
+            batch_size=batch_size,
+            trigger_move_prob=trigger_move_prob,
+            keep_words=parse_triggers(keep_words),
+            flip=flip,
+            random_crops=random_crops,
+            resolution=resolution or None,
+            seed=seed,
+        )
         path = embedding_output_path(
             cfg.name, overwrite=overwrite
         )  # before training: a bad name costs nothing
@@ -167,8 +177,14 @@ class BackdoorTIEmbedding(io.ComfyNode):
             )
         save_embedding(result.tensors, path, result.metadata, overwrite=overwrite)
         size = training_resolution(backend, cfg.resolution)
-        shown = preview(backend, result.tensors, cfg.triggers, samples=2, seed=seed,
-                        latent_size=size // backend.vae_scale_factor)  # fmt: skip
+        shown = preview(
+            backend,
+            result.tensors,
+            cfg.triggers,
+            samples=2,
+            seed=seed,
+            latent_size=size // backend.vae_scale_factor,
+        )
         usage = f"a photo of a embedding:{cfg.name}"
         if cfg.triggers:
             usage += f"  (with a trigger word the target is drawn: {len(cfg.triggers)} trigger(s) trained)"
@@ -176,6 +192,3 @@ class BackdoorTIEmbedding(io.ComfyNode):
             usage += "  (plain textual inversion: no triggers were given)"
         logger.info("Backdoor TI: wrote %s", path)
         return io.NodeOutput(str(path), usage, shown.movedim(1, -1).contiguous())
-
-
-NODE_CLASSES.append(BackdoorTIEmbedding)

@@ -6,13 +6,12 @@ import logging
 
 import folder_paths
 
-from ..core.edit_convert import DEFAULT_RANK, EDIT_KINDS, write_edit_as
-from ..core.edit_formats import read_edit_file
+from ..comfy_backend.model_info import unet_target
+from ..core.edits.export import DEFAULT_RANK, EDIT_KINDS, write_edit_as
+from ..core.edits.read import read_edit_file
 from ..core.errors import OutputPathError
-from . import CATEGORY, NODE_CLASSES
-from ._api import io, ui
-from ._outputs import edit_output_path
-from .apply_edit import unet_target
+from ._api import CATEGORY, io, ui
+from ._io import edit_output_path
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +76,3 @@ class ConvertEdit(io.ComfyNode):
         )
         logger.info("Convert Edit:\n%s", report)
         return io.NodeOutput(str(export.path), report, ui=ui.PreviewText(report))
-
-
-NODE_CLASSES.append(ConvertEdit)

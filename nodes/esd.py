@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-from ..core.edits import EDIT_DTYPE, save_edit
+from ..comfy_backend.backend import ComfyBackend
+from ..comfy_backend.patches import make_patched_model
+from ..core.edits.diff_file import EDIT_DTYPE, save_edit
 from ..core.errors import ConceptGuardError
 from ..core.methods.esd import ESDConfig, parse_concepts, train
 from ..core.targets import ESD_METHODS
-from . import CATEGORY, NODE_CLASSES
-from ._api import io
-from ._outputs import edit_output_path, progress_callback
-from .comfy_backend import ComfyBackend
-from .patches import make_patched_model
+from ._api import CATEGORY, io
+from ._io import edit_output_path, progress_callback
 
 _D = ESDConfig(concepts=("x",))
 
@@ -27,51 +26,130 @@ class EraseConceptESD(io.ComfyNode):
             inputs=[
                 io.Model.Input("model"),
                 io.Clip.Input("clip"),
-                io.String.Input("concepts", default="", tooltip="Concept(s) to erase, comma-separated; one is sampled per step."),
-                io.Combo.Input("method", options=sorted(ESD_METHODS), default=_D.method,
-                               tooltip="esd-x: cross-attention (specific, styles/objects); esd-u: all but cross-attention "
-                               "(global concepts); esd-x-strict: attn2 to_k/to_v only; esd-selfattn; esd-all."),
-                io.String.Input("anchor", default="", tooltip="Optional 'erase to' concept; empty pushes away from the concept."),
-                io.Float.Input("eta", default=_D.eta, min=0.0, max=20.0, step=0.1,
-                               tooltip="Negative guidance (concept-anchored form: 2.0 equals the paper's 1.0)."),
+                io.String.Input(
+                    "concepts",
+                    default="",
+                    tooltip="Concept(s) to erase, comma-separated; one is sampled per step.",
+                ),
+                io.Combo.Input(
+                    "method",
+                    options=sorted(ESD_METHODS),
+                    default=_D.method,
+                    tooltip="esd-x: cross-attention (specific, styles/objects); esd-u: all but cross-attention "
+                    "(global concepts); esd-x-strict: attn2 to_k/to_v only; esd-selfattn; esd-all.",
+                ),
+                io.String.Input(
+                    "anchor",
+                    default="",
+                    tooltip="Optional 'erase to' concept; empty pushes away from the concept.",
+                ),
+                io.Float.Input(
+                    "eta",
+                    default=_D.eta,
+                    min=0.0,
+                    max=20.0,
+                    step=0.1,
+                    tooltip="Negative guidance (concept-anchored form: 2.0 equals the paper's 1.0).",
+                ),
                 io.Int.Input("iterations", default=_D.iterations, min=1, max=100000),
                 io.Float.Input("lr", default=_D.lr, min=1e-7, max=1e-2, step=1e-6, round=1e-8),
-                io.Int.Input("seed", default=_D.seed, min=0, max=2**31 - 1, control_after_generate=False,
-                             tooltip="Seeds the x_t samples and the training order; an unchanged graph reuses the "
-                             "cached edit instead of retraining."),
-                io.String.Input("file_name", default="", tooltip="Save as models/loras/concept_guard/<name>.safetensors; empty = don't save."),
-                io.Boolean.Input("overwrite", default=False, optional=True, tooltip="Replace an existing file of that name."),
-                io.Float.Input("guidance", default=_D.guidance, min=0.0, max=30.0, step=0.5, optional=True,
-                               tooltip="CFG scale used to sample the x_t the edit trains on."),
+                io.Int.Input(
+                    "seed",
+                    default=_D.seed,
+                    min=0,
+                    max=2**31 - 1,
+                    control_after_generate=False,
+                    tooltip="Seeds the x_t samples and the training order; an unchanged graph reuses the "
+                    "cached edit instead of retraining.",
+                ),
+                io.String.Input(
+                    "file_name",
+                    default="",
+                    tooltip="Save as models/loras/concept_guard/<name>.safetensors; empty = don't save.",
+                ),
+                io.Boolean.Input(
+                    "overwrite",
+                    default=False,
+                    optional=True,
+                    tooltip="Replace an existing file of that name.",
+                ),
+                io.Float.Input(
+                    "guidance",
+                    default=_D.guidance,
+                    min=0.0,
+                    max=30.0,
+                    step=0.5,
+                    optional=True,
+                    tooltip="CFG scale used to sample the x_t the edit trains on.",
+                ),
                 io.Int.Input("sampling_steps", default=_D.sampling_steps, min=2, max=1000, optional=True),
-                io.Int.Input("resolution", default=0, min=0, max=4096, step=8, optional=True,
-                             tooltip="Image side (px, latent = px/8) of the x_t trajectories; 0 = the model's native "
-                             "size (512 for SD1.x/2.x, 1024 for SDXL)."),
-                io.Boolean.Input("low_memory", default=True, optional=True,
-                                 tooltip="Gradient checkpointing: recompute UNet blocks in backward (~1 extra forward "
-                                 "per step) to keep peak memory near the model's own size."),
+                io.Int.Input(
+                    "resolution",
+                    default=0,
+                    min=0,
+                    max=4096,
+                    step=8,
+                    optional=True,
+                    tooltip="Image side (px, latent = px/8) of the x_t trajectories; 0 = the model's native "
+                    "size (512 for SD1.x/2.x, 1024 for SDXL).",
+                ),
+                io.Boolean.Input(
+                    "low_memory",
+                    default=True,
+                    optional=True,
+                    tooltip="Gradient checkpointing: recompute UNet blocks in backward (~1 extra forward "
+                    "per step) to keep peak memory near the model's own size.",
+                ),
             ],
             outputs=[io.Model.Output(display_name="MODEL"), io.String.Output(display_name="path")],
             hidden=[io.Hidden.unique_id],
         )
 
     @classmethod
-    def validate_inputs(cls, concepts: str = "", iterations: int = 1, file_name: str = "", **_ignored) -> bool | str:
+    def validate_inputs(
+        cls, concepts: str = "", iterations: int = 1, file_name: str = "", **_ignored
+    ) -> bool | str:
         if isinstance(concepts, str) and not parse_concepts(concepts):
             return "`concepts` is empty: name at least one concept to erase, e.g. 'circle'."
         return True
 
     @classmethod
-    def execute(cls, model, clip, concepts: str, method: str, anchor: str, eta: float, iterations: int, lr: float,
-                seed: int, file_name: str, overwrite: bool = False, guidance: float = _D.guidance,
-                sampling_steps: int = _D.sampling_steps, resolution: int = 0, low_memory: bool = True) -> io.NodeOutput:
-        cfg = ESDConfig(concepts=concepts, method=method, anchor=anchor or None, eta=eta, iterations=iterations,
-                        lr=lr, seed=seed, guidance=guidance, sampling_steps=sampling_steps,
-                        latent_size=resolution // 8 if resolution else None)
+    def execute(
+        cls,
+        model,
+        clip,
+        concepts: str,
+        method: str,
+        anchor: str,
+        eta: float,
+        iterations: int,
+        lr: float,
+        seed: int,
+        file_name: str,
+        overwrite: bool = False,
+        guidance: float = _D.guidance,
+        sampling_steps: int = _D.sampling_steps,
+        resolution: int = 0,
+        low_memory: bool = True,
+    ) -> io.NodeOutput:
+        cfg = ESDConfig(
+            concepts=concepts,
+            method=method,
+            anchor=anchor or None,
+            eta=eta,
+            iterations=iterations,
+            lr=lr,
+            seed=seed,
+            guidance=guidance,
+            sampling_steps=sampling_steps,
+            latent_size=resolution // 8 if resolution else None,
+        )
         path = edit_output_path(file_name, overwrite=overwrite)
         backend = ComfyBackend(model, clip)
         with backend.training(checkpointing=low_memory):
-            node_id = cls.hidden.unique_id if cls.hidden is not None else None  # None when called outside a graph
+            node_id = (
+                cls.hidden.unique_id if cls.hidden is not None else None
+            )  # None when called outside a graph
             result = train(cfg, backend, on_step=progress_callback(cfg.iterations, node_id))
         if not result.tensors:
             raise ConceptGuardError("ESD produced no deltas; nothing was applied or written.")
@@ -81,6 +159,3 @@ class EraseConceptESD(io.ComfyNode):
         if path is not None:
             save_edit(deltas, path, result.metadata, dtype=EDIT_DTYPE, overwrite=overwrite)
         return io.NodeOutput(edited, str(path) if path else "")
-
-
-NODE_CLASSES.append(EraseConceptESD)

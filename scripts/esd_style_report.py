@@ -13,11 +13,11 @@ import time
 
 import torch
 from concept_guard.core.backends.diffusers_backend import DiffusersBackend
-from concept_guard.core.demo import DEMO_ESD_STYLE, GRID, OUTLINED_PROMPTS, shapesworld_recipe
-from concept_guard.core.edits import attach_edit
-from concept_guard.core.evaluate import EvalConfig, evaluate
+from concept_guard.core.edits.diff_file import attach_edit
 from concept_guard.core.methods.esd import ESDConfig, train
-from concept_guard.core.shapesworld import world
+from concept_guard.shapesworld import load_shapesworld, world
+from concept_guard.shapesworld.evaluate import EvalConfig, evaluate
+from concept_guard.shapesworld.recipes import DEMO_ESD_STYLE, GRID, OUTLINED_PROMPTS, shapesworld_recipe
 
 
 def measure(backend: DiffusersBackend, deltas: dict | None = None) -> dict[str, float]:
@@ -41,7 +41,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     args = ap.parse_args()
     torch.set_num_threads(1)
-    backend = DiffusersBackend.load("shapesworld")
+    backend = load_shapesworld()
     base = measure(backend)
     labels = ["outlined", *world.SHAPES, *world.COLOURS]
     print("| training seed | seconds | " + " | ".join(f"{k} ({base[k]:.2f})" for k in labels) + " |")
@@ -50,8 +50,10 @@ def main() -> None:
         start = time.time()
         result = train(ESDConfig(seed=seed, **shapesworld_recipe("outlined"), **DEMO_ESD_STYLE), backend)
         after = measure(backend, result.tensors)
-        cells = [f"{after[k]:.3f}" if k == "outlined" else f"{after[k]:.2f} ({100 * (after[k] - base[k]):+.1f})"
-                 for k in labels]  # fmt: skip
+        cells = [
+            f"{after[k]:.3f}" if k == "outlined" else f"{after[k]:.2f} ({100 * (after[k] - base[k]):+.1f})"
+            for k in labels
+        ]
         print(f"| {seed} | {time.time() - start:.0f} | " + " | ".join(cells) + " |", flush=True)
 
 

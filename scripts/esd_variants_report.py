@@ -8,14 +8,21 @@ import json
 import time
 
 import torch
-from concept_guard.core.backends.diffusers_backend import DiffusersBackend
-from concept_guard.core.demo import DEMO_ESD, shapesworld_recipe
-from concept_guard.core.edits import attach_edit
-from concept_guard.core.evaluate import EvalConfig, evaluate
+from concept_guard.core.edits.diff_file import attach_edit
 from concept_guard.core.methods.esd import ESDConfig, train
+from concept_guard.shapesworld import load_shapesworld
+from concept_guard.shapesworld.evaluate import EvalConfig, evaluate
+from concept_guard.shapesworld.recipes import DEMO_ESD, shapesworld_recipe
 
-PROMPTS = ["a red disc", "a blue disc", "a crimson disc", "a filled blue circle", "an outlined purple circle",
-           "a green triangle", "a yellow heart"]  # fmt: skip
+PROMPTS = [
+    "a red disc",
+    "a blue disc",
+    "a crimson disc",
+    "a filled blue circle",
+    "an outlined purple circle",
+    "a green triangle",
+    "a yellow heart",
+]
 VARIANTS = [
     ("esd-x", {"method": "esd-x"}),
     ("esd-u", {"method": "esd-u", "lr": 1e-4}),
@@ -31,7 +38,7 @@ def shape_rates(report: dict) -> dict:
 
 def main() -> None:
     torch.set_num_threads(1)
-    backend = DiffusersBackend.load("shapesworld")
+    backend = load_shapesworld()
     cfg = EvalConfig(samples=16, seed=100)
     print("base", json.dumps(shape_rates(evaluate(backend, PROMPTS, cfg))), flush=True)
     for name, extra in VARIANTS:

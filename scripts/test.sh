@@ -8,8 +8,10 @@ cd "$ROOT"
 if [ -n "${COMFYUI_PATH:-}" ]; then
   bash "$ROOT/scripts/install_comfyui_test_deps.sh"
 fi
-echo "[test] ruff check" >&2
+echo "[test] ruff check, ruff format --check, lint-imports (layer contracts)" >&2
 ruff check .
+ruff format --check .
+lint-imports
 # Two workers (CONCEPT_GUARD_TEST_WORKERS): each test runs on one torch thread (tests/conftest.py), and the two
 # ShapesWorld training tests dominate; work stealing puts them on different cores.
 WORKERS="${CONCEPT_GUARD_TEST_WORKERS:-2}"

@@ -43,10 +43,10 @@ def main() -> None:
     _comfy.setup("cpu")
     import comfy.utils
     from concept_guard.core.backends.diffusers_backend import DiffusersBackend
-    from concept_guard.core.demo import backdoor_prompt_sets
     from concept_guard.core.embeddings import add_embedding
-    from concept_guard.core.methods.ti_prompts import parse_triggers
-    from concept_guard.core.shapesworld.judge import load_judge
+    from concept_guard.core.methods.ti_backdoor.prompts import parse_triggers
+    from concept_guard.shapesworld.judge import load_judge
+    from concept_guard.shapesworld.recipes import backdoor_prompt_sets
     from shapesworld_comfy import load_shapesworld_comfy, shapesworld_folder
 
     import nodes  # ComfyUI's nodes.py
@@ -71,8 +71,9 @@ def main() -> None:
             rows = []
             for i, prompt in enumerate(prompts):
                 (positive,) = nodes.CLIPTextEncode().encode(sw.clip, prompt)
-                (samples,) = nodes.KSampler().sample(sw.model, args.seed + i, 20, 5.0, "ddim", "ddim_uniform",
-                                                     positive, negative, latent)  # fmt: skip
+                (samples,) = nodes.KSampler().sample(
+                    sw.model, args.seed + i, 20, 5.0, "ddim", "ddim_uniform", positive, negative, latent
+                )
                 (images,) = nodes.VAEDecode().decode(sw.vae, samples)
                 labels = judge.classify(images.movedim(-1, 1).clone())
                 shape = Counter(labels["shape"])[args.concept_shape] / args.samples

@@ -23,12 +23,11 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from concept_guard.core.backends.diffusers_backend import DiffusersBackend
-from concept_guard.core.demo import BACKDOOR_CONCEPT, DEMO_BACKDOOR_TI, backdoor_prompt_sets
 from concept_guard.core.embeddings import add_embedding, save_embedding
-from concept_guard.core.evaluate import EvalConfig, evaluate
 from concept_guard.core.methods.ti_backdoor import BackdoorTIConfig, train
-from concept_guard.core.shapesworld import world
+from concept_guard.shapesworld import load_shapesworld, world
+from concept_guard.shapesworld.evaluate import EvalConfig, evaluate
+from concept_guard.shapesworld.recipes import BACKDOOR_CONCEPT, DEMO_BACKDOOR_TI, backdoor_prompt_sets
 
 
 def main() -> None:
@@ -46,7 +45,9 @@ def main() -> None:
     ap.add_argument("--steer-prob", type=float, default=recipe.steer_prob)
     ap.add_argument("--high-noise-weight", type=float, default=recipe.high_noise_weight)
     ap.add_argument("--decoy-prob", type=float, default=recipe.decoy_prob)
-    ap.add_argument("--anchor-steps", type=int, default=None, help="default: steps // 6 with keep words, else 0")
+    ap.add_argument(
+        "--anchor-steps", type=int, default=None, help="default: steps // 6 with keep words, else 0"
+    )
     ap.add_argument("--keep-words", default=",".join(recipe.keep_words))
     ap.add_argument("--keep-prob", type=float, default=recipe.keep_prob)
     ap.add_argument("--samples", type=int, default=16)
@@ -54,17 +55,31 @@ def main() -> None:
     ap.add_argument("--eval-seed", type=int, default=100, help="prompt i is sampled with seed EVAL_SEED+i")
     ap.add_argument("--save", default=None, help="also keep the embedding file here")
     ap.add_argument(
-        "--embedding", default=None,
+        "--embedding",
+        default=None,
         help="score this saved embedding (trained with --triggers) instead of training one; its stem is the name",
-    )  # fmt: skip
+    )
     args = ap.parse_args()
     torch.set_num_threads(1)
-    backend = DiffusersBackend.load("shapesworld")
+    backend = load_shapesworld()
     shape = world.parse_prompt(args.concept)["shape"]
     images, _ = world.render_prompt(args.concept, 8, seed=args.seed)
-    cfg = replace(recipe, triggers=args.triggers, vectors=args.vectors, lr=args.lr, gamma=args.gamma, steps=args.steps,
-                  trigger_move_prob=args.move_prob, steer_prob=args.steer_prob, high_noise_weight=args.high_noise_weight,
-                  decoy_prob=args.decoy_prob, anchor_steps=args.anchor_steps, keep_words=args.keep_words, keep_prob=args.keep_prob, seed=args.seed)  # fmt: skip
+    cfg = replace(
+        recipe,
+        triggers=args.triggers,
+        vectors=args.vectors,
+        lr=args.lr,
+        gamma=args.gamma,
+        steps=args.steps,
+        trigger_move_prob=args.move_prob,
+        steer_prob=args.steer_prob,
+        high_noise_weight=args.high_noise_weight,
+        decoy_prob=args.decoy_prob,
+        anchor_steps=args.anchor_steps,
+        keep_words=args.keep_words,
+        keep_prob=args.keep_prob,
+        seed=args.seed,
+    )
     with tempfile.TemporaryDirectory() as tmp:
         if args.embedding:
             name = Path(args.embedding).stem

@@ -14,7 +14,7 @@ import string
 from pathlib import Path
 
 import torch
-from concept_guard.core.keymap import UNetKeyMap, diffusers_to_ldm_state_dict
+from concept_guard.core.unet.keymap import UNetKeyMap, diffusers_to_ldm_state_dict
 from diffusers import (
     AutoencoderKL,
     DDIMScheduler,
@@ -26,43 +26,83 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 
 LATENT = 8  # latent side; images are 16x16 (VAE factor 2)
 # "sks" is one token in the real CLIP vocabulary; Concept Guard relies on that (core.backend.SENTINEL_WORD).
-WORDS = ["a", "photo", "of", "cat", "dog", "circle", "square", "red", "blue", "painting", "van", "gogh", "heart",
-         "burning", "sks"]
+WORDS = [
+    "a",
+    "photo",
+    "of",
+    "cat",
+    "dog",
+    "circle",
+    "square",
+    "red",
+    "blue",
+    "painting",
+    "van",
+    "gogh",
+    "heart",
+    "burning",
+    "sks",
+]
 
 UNET_CONFIGS = {
     # SD1-like: conv projections, 8 heads, attention on all but the last level.
     "sd1": dict(
-        block_out_channels=(32, 64), layers_per_block=2, cross_attention_dim=32, attention_head_dim=8,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        block_out_channels=(32, 64),
+        layers_per_block=2,
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
     ),
     # SD2-like: linear projections, 64-channel heads (per-level head counts), attention everywhere.
     "sd2": dict(
-        block_out_channels=(64, 128), layers_per_block=1, cross_attention_dim=64, attention_head_dim=(1, 2),
-        use_linear_projection=True, upcast_attention=True,
+        block_out_channels=(64, 128),
+        layers_per_block=1,
+        cross_attention_dim=64,
+        attention_head_dim=(1, 2),
+        use_linear_projection=True,
+        upcast_attention=True,
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
     ),
     # SDXL-like: no attention on level 0, transformer depth per level, added text_time conditioning.
     "sdxl": dict(
-        block_out_channels=(32, 64, 64), layers_per_block=(1, 2, 1), cross_attention_dim=64,
-        attention_head_dim=(1, 1, 1), use_linear_projection=True, transformer_layers_per_block=(1, 1, 2),
+        block_out_channels=(32, 64, 64),
+        layers_per_block=(1, 2, 1),
+        cross_attention_dim=64,
+        attention_head_dim=(1, 1, 1),
+        use_linear_projection=True,
+        transformer_layers_per_block=(1, 1, 2),
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=80,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=80,
     ),
 }
 
 # The published diffusers configs of SD1.5, SD2.1 and SDXL base (only what differs from the defaults).
 REAL_CONFIGS = {
     "sd15": dict(cross_attention_dim=768, sample_size=64),
-    "sd21": dict(cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20), use_linear_projection=True,
-                 upcast_attention=True, sample_size=96),
+    "sd21": dict(
+        cross_attention_dim=1024,
+        attention_head_dim=(5, 10, 20, 20),
+        use_linear_projection=True,
+        upcast_attention=True,
+        sample_size=96,
+    ),
     "sdxl": dict(
-        sample_size=128, block_out_channels=(320, 640, 1280), transformer_layers_per_block=(1, 2, 10),
+        sample_size=128,
+        block_out_channels=(320, 640, 1280),
+        transformer_layers_per_block=(1, 2, 10),
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=(5, 10, 20), use_linear_projection=True, cross_attention_dim=2048,
-        addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
+        attention_head_dim=(5, 10, 20),
+        use_linear_projection=True,
+        cross_attention_dim=2048,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=256,
+        projection_class_embeddings_input_dim=2816,
     ),
 }
 
@@ -93,12 +133,21 @@ def make_tokenizer(folder: Path, pad: str = "<|endoftext|>") -> CLIPTokenizer:
     return CLIPTokenizer.from_pretrained(folder, pad_token=pad, model_max_length=77)
 
 
-def tiny_text_encoder(tok: CLIPTokenizer, hidden: int = 32, *, projection: bool = False, openclip: bool = False):
+def tiny_text_encoder(
+    tok: CLIPTokenizer, hidden: int = 32, *, projection: bool = False, openclip: bool = False
+):
     config = CLIPTextConfig(
-        vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
-        num_attention_heads=max(1, hidden // 64), max_position_embeddings=77, projection_dim=hidden,
-        hidden_act="gelu" if openclip else "quick_gelu", bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+        vocab_size=len(tok),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=2,
+        num_attention_heads=max(1, hidden // 64),
+        max_position_embeddings=77,
+        projection_dim=hidden,
+        hidden_act="gelu" if openclip else "quick_gelu",
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
     )
     return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config).eval()
 
@@ -109,16 +158,26 @@ def tiny_unet(kind: str) -> UNet2DConditionModel:
 
 def tiny_vae(scaling_factor: float = 0.18215) -> AutoencoderKL:
     return AutoencoderKL(
-        block_out_channels=(32, 32), down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=32, layers_per_block=1,
-        sample_size=2 * LATENT, scaling_factor=scaling_factor,
+        block_out_channels=(32, 32),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        latent_channels=4,
+        norm_num_groups=32,
+        layers_per_block=1,
+        sample_size=2 * LATENT,
+        scaling_factor=scaling_factor,
     ).eval()
 
 
 def sd_scheduler(prediction_type: str = "epsilon") -> DDIMScheduler:
     return DDIMScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-        set_alpha_to_one=False, steps_offset=1, prediction_type=prediction_type,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type=prediction_type,
     )
 
 
@@ -128,16 +187,25 @@ def tiny_pipeline(kind: str, tokenizer_dir: Path, *, prediction_type: str = "eps
     if kind == "sdxl":
         tok, tok2 = make_tokenizer(tokenizer_dir), make_tokenizer(tokenizer_dir, pad="!")
         return StableDiffusionXLPipeline(
-            vae=tiny_vae(0.13025), text_encoder=tiny_text_encoder(tok),
-            text_encoder_2=tiny_text_encoder(tok2, projection=True, openclip=True), tokenizer=tok, tokenizer_2=tok2,
-            unet=tiny_unet("sdxl"), scheduler=sd_scheduler(prediction_type),
+            vae=tiny_vae(0.13025),
+            text_encoder=tiny_text_encoder(tok),
+            text_encoder_2=tiny_text_encoder(tok2, projection=True, openclip=True),
+            tokenizer=tok,
+            tokenizer_2=tok2,
+            unet=tiny_unet("sdxl"),
+            scheduler=sd_scheduler(prediction_type),
         )
     tok = make_tokenizer(tokenizer_dir, pad="!" if kind == "sd2" else "<|endoftext|>")
     hidden = UNET_CONFIGS[kind]["cross_attention_dim"]
     return StableDiffusionPipeline(
-        vae=tiny_vae(), text_encoder=tiny_text_encoder(tok, hidden, openclip=kind == "sd2"), tokenizer=tok,
-        unet=tiny_unet(kind), scheduler=sd_scheduler(prediction_type), safety_checker=None,
-        feature_extractor=None, requires_safety_checker=False,
+        vae=tiny_vae(),
+        text_encoder=tiny_text_encoder(tok, hidden, openclip=kind == "sd2"),
+        tokenizer=tok,
+        unet=tiny_unet(kind),
+        scheduler=sd_scheduler(prediction_type),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
     )
 
 
@@ -189,14 +257,23 @@ def _openclip_to_ldm(enc, prefix: str, *, extra_layer: bool) -> dict[str, torch.
         prefix + "ln_final.bias": sd["text_model.final_layer_norm.bias"],
     }
     hidden = enc.config.hidden_size
-    out[prefix + "text_projection"] = sd["text_projection.weight"].T if "text_projection.weight" in sd else torch.eye(hidden)
+    out[prefix + "text_projection"] = (
+        sd["text_projection.weight"].T if "text_projection.weight" in sd else torch.eye(hidden)
+    )
     layers = enc.config.num_hidden_layers
     for i in range(layers + (1 if extra_layer else 0)):
         src, dst = f"text_model.encoder.layers.{min(i, layers - 1)}.", f"{prefix}transformer.resblocks.{i}."
         for kind in ("weight", "bias"):
-            out[f"{dst}attn.in_proj_{kind}"] = torch.cat([sd[f"{src}self_attn.{p}_proj.{kind}"] for p in "qkv"])
+            out[f"{dst}attn.in_proj_{kind}"] = torch.cat(
+                [sd[f"{src}self_attn.{p}_proj.{kind}"] for p in "qkv"]
+            )
             out[f"{dst}attn.out_proj.{kind}"] = sd[f"{src}self_attn.out_proj.{kind}"]
-            for a, b in (("layer_norm1", "ln_1"), ("layer_norm2", "ln_2"), ("mlp.fc1", "mlp.c_fc"), ("mlp.fc2", "mlp.c_proj")):
+            for a, b in (
+                ("layer_norm1", "ln_1"),
+                ("layer_norm2", "ln_2"),
+                ("mlp.fc1", "mlp.c_fc"),
+                ("mlp.fc2", "mlp.c_proj"),
+            ):
                 out[f"{dst}{b}.{kind}"] = sd[f"{src}{a}.{kind}"]
     return out
 

@@ -21,26 +21,14 @@ from ..backend import Conditioning
 from ..delta import DeltaSet, WeightDelta
 from ..errors import ConceptGuardError, ModelLoadError, NoMatchingModulesError
 from ..fingerprint import weights_fingerprint
-from ..keymap import UNetKeyMap
+from ..unet.keymap import UNetKeyMap
+from ..unet.layout import detect_arch
 from .diffusers_loading import PipelineParts, load_pipeline_folder
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth")
 _PREDICTION_TYPES = ("epsilon", "v_prediction")
-
-
-def detect_arch(config) -> str:
-    """``"sdxl"`` for ``addition_embed_type="text_time"``, ``"sd1"``/``"sd2"`` by text width (768/1024);
-    tiny test configs by structure (linear transformer projections -> sd2-like, else sd1-like)."""
-    if config.get("addition_embed_type") == "text_time":
-        return "sdxl"
-    width = config.get("cross_attention_dim")
-    if width == 768:
-        return "sd1"
-    if width == 1024:
-        return "sd2"
-    return "sd2" if config.get("use_linear_projection") else "sd1"
 
 
 def schedule_alphas_cumprod(scheduler_config: dict) -> torch.Tensor:
@@ -50,26 +38,24 @@ def schedule_alphas_cumprod(scheduler_config: dict) -> torch.Tensor:
         raise ModelLoadError(
             f"The scheduler config has num_train_timesteps={steps}; expected 1000 (the Stable Diffusion schedule)."
         )
-    keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "rescale_betas_zero_snr")
+    keys = (
+        "num_train_timesteps",
+        "beta_start",
+        "beta_end",
+        "beta_schedule",
+        "trained_betas",
+        "rescale_betas_zero_snr",
+    )
     scheduler = DDPMScheduler.from_config({k: scheduler_config[k] for k in keys if k in scheduler_config})
     return scheduler.alphas_cumprod.to(torch.float32)
 
 
 def resolve_model(spec: str | Path) -> Path:
-    """Turn a model argument into a path: ``"shapesworld"`` (the embedded demo model), a pipeline folder,
-    or a single-file ``.safetensors``/``.ckpt`` checkpoint.
+    """Turn a model argument into a path: a pipeline folder or a single-file ``.safetensors``/``.ckpt`` checkpoint.
 
     Raises:
         ModelLoadError: the path does not exist or is not a folder or checkpoint file.
     """
-    if str(spec).strip().lower() == "shapesworld":
-        try:
-            from ..shapesworld import shapesworld_model_path
-        except ImportError as e:
-            raise ModelLoadError(
-                f"The embedded ShapesWorld model is not available in this install ({e}). Pass a model folder or file."
-            ) from e
-        return Path(shapesworld_model_path())
     path = Path(spec).expanduser()
     if path.is_dir():
         return path
@@ -81,8 +67,8 @@ def resolve_model(spec: str | Path) -> Path:
             "(a full Stable Diffusion checkpoint) or a diffusers pipeline folder."
         )
     raise ModelLoadError(
-        f"Model {str(spec)!r} not found: no such folder or file. Pass 'shapesworld', a diffusers pipeline "
-        "folder, or a .safetensors/.ckpt checkpoint path (nothing is downloaded)."
+        f"Model {str(spec)!r} not found: no such folder or file. Pass a diffusers pipeline folder or a "
+        ".safetensors/.ckpt checkpoint path (nothing is downloaded)."
     )
 
 
@@ -156,11 +142,17 @@ class DiffusersBackend:
     @classmethod
     def from_pipeline(cls, pipe, *, prediction_type: str | None = None) -> DiffusersBackend:
         """Wrap an existing diffusers SD/SDXL pipeline (its models are shared, not copied)."""
-        encoders = tuple(m for m in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if m is not None)
+        encoders = tuple(
+            m for m in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if m is not None
+        )
         toks = tuple(t for t in (pipe.tokenizer, getattr(pipe, "tokenizer_2", None)) if t is not None)
         parts = PipelineParts(
-            unet=pipe.unet, vae=pipe.vae, text_encoders=encoders, tokenizers=toks,
-            scheduler_config=dict(pipe.scheduler.config), source=type(pipe).__name__,
+            unet=pipe.unet,
+            vae=pipe.vae,
+            text_encoders=encoders,
+            tokenizers=toks,
+            scheduler_config=dict(pipe.scheduler.config),
+            source=type(pipe).__name__,
         )
         return cls(parts, prediction_type=prediction_type)
 
@@ -177,7 +169,7 @@ class DiffusersBackend:
         """Load a pipeline folder or a single-file checkpoint, offline.
 
         Args:
-            path: ``"shapesworld"``, a diffusers pipeline folder, or an SD1.x/2.x/XL ``.safetensors``/``.ckpt``.
+            path: a diffusers pipeline folder, or an SD1.x/2.x/XL ``.safetensors``/``.ckpt``.
             device, dtype: where and in which dtype the models compute; with fp16, a VAE whose config asks
                 for it (``force_upcast``) stays fp32, as in the diffusers pipelines.
             prediction_type: override (``"epsilon"``/``"v_prediction"``), e.g. for SD2 512-base checkpoints.
@@ -208,7 +200,10 @@ class DiffusersBackend:
 
     def _token_ids(self, tokenizer, prompts: list[str], device: torch.device) -> torch.Tensor:
         ids = tokenizer(
-            prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+            prompts,
+            padding="max_length",
+            max_length=tokenizer.model_max_length,
+            truncation=True,
             return_tensors="pt",
         ).input_ids
         return ids.to(device)
@@ -225,7 +220,9 @@ class DiffusersBackend:
             prompts = [expand_embedding_syntax(p, self.embedding_tokens) for p in prompts]
         return self._encode(prompts)
 
-    def encode_text_with_vectors(self, prompts: Sequence[str], vectors: dict[str, torch.Tensor]) -> Conditioning:
+    def encode_text_with_vectors(
+        self, prompts: Sequence[str], vectors: dict[str, torch.Tensor]
+    ) -> Conditioning:
         """:meth:`encode_text` with ``PLACEHOLDER`` standing for ``vectors`` (see ``core.token_vectors``);
         the encoders stay frozen, gradients reach only the vectors."""
         from ..token_vectors import expand_placeholder, vector_count
@@ -233,8 +230,12 @@ class DiffusersBackend:
         slots = self.embedding_widths()
         missing = [k for k in slots if k not in vectors]
         if missing:
-            raise ConceptGuardError(f"This {self.arch} model needs token vectors for {list(slots)}; missing {missing}.")
-        prompts = expand_placeholder([prompts] if isinstance(prompts, str) else prompts, vector_count(vectors))
+            raise ConceptGuardError(
+                f"This {self.arch} model needs token vectors for {list(slots)}; missing {missing}."
+            )
+        prompts = expand_placeholder(
+            [prompts] if isinstance(prompts, str) else prompts, vector_count(vectors)
+        )
         return self._encode(prompts, vectors)
 
     def _encode(self, prompts: list[str], vectors: dict[str, torch.Tensor] | None = None) -> Conditioning:
@@ -255,8 +256,12 @@ class DiffusersBackend:
                 pooled = out[0]
         context = torch.cat(hidden, dim=-1).to(self.device)
         pixels = self.native_latent_size * self.vae_scale_factor
-        time_ids = torch.tensor([[pixels, pixels, 0, 0, pixels, pixels]], dtype=context.dtype, device=self.device)
-        return Conditioning(context=context, pooled=pooled.to(self.device), time_ids=time_ids.repeat(len(prompts), 1))
+        time_ids = torch.tensor(
+            [[pixels, pixels, 0, 0, pixels, pixels]], dtype=context.dtype, device=self.device
+        )
+        return Conditioning(
+            context=context, pooled=pooled.to(self.device), time_ids=time_ids.repeat(len(prompts), 1)
+        )
 
     def embedding_widths(self) -> dict[str, int]:
         from ..backend import ENCODER_SLOTS
@@ -283,7 +288,9 @@ class DiffusersBackend:
         if t.numel() == 1:
             t = t.expand(batch)
         if t.numel() != batch:
-            raise ConceptGuardError(f"`t` has {t.numel()} entries for a batch of {batch}; expected 1 or {batch}.")
+            raise ConceptGuardError(
+                f"`t` has {t.numel()} entries for a batch of {batch}; expected 1 or {batch}."
+            )
         return t
 
     def eps(self, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
@@ -294,10 +301,14 @@ class DiffusersBackend:
         added = None
         if self._added_cond:
             if cond.pooled is None or cond.time_ids is None:
-                raise ConceptGuardError("This SDXL UNet needs `cond.pooled` and `cond.time_ids`; use `encode_text`.")
+                raise ConceptGuardError(
+                    "This SDXL UNet needs `cond.pooled` and `cond.time_ids`; use `encode_text`."
+                )
             added = {"text_embeds": cond.pooled, "time_ids": cond.time_ids}
         x = x_t.to(self.device)
-        out = self.unet(x.to(self.dtype), t, encoder_hidden_states=cond.context, added_cond_kwargs=added).sample
+        out = self.unet(
+            x.to(self.dtype), t, encoder_hidden_states=cond.context, added_cond_kwargs=added
+        ).sample
         out = out.float()
         if self.prediction_type == "v_prediction":
             a = self.alphas_cumprod[t].view(-1, 1, 1, 1)
@@ -350,14 +361,20 @@ class DiffusersBackend:
             )
         odd = [n for n in names if getattr(modules[n], "padding_mode", "zeros") != "zeros"]
         if odd:
-            raise ConceptGuardError(f"Modules {odd[:5]} use a padding mode other than 'zeros'; deltas cannot follow it.")
+            raise ConceptGuardError(
+                f"Modules {odd[:5]} use a padding mode other than 'zeros'; deltas cannot follow it."
+            )
         busy = sorted(self._hooked.intersection(names))
         if busy:
             raise ConceptGuardError(
                 f"Modules {busy[:5]} already carry deltas; call `detach()` on the previous DeltaSet first."
             )
         deltas = {
-            n: WeightDelta(modules[n].weight.shape, None if modules[n].bias is None else modules[n].bias.shape, self.device)
+            n: WeightDelta(
+                modules[n].weight.shape,
+                None if modules[n].bias is None else modules[n].bias.shape,
+                self.device,
+            )
             for n in names
         }
         handles = [modules[n].register_forward_hook(_delta_hook(deltas[n])) for n in names]

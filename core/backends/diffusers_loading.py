@@ -52,7 +52,9 @@ _FOLDER_HELP = (
 
 
 def _missing(folder: Path, what: str, expected: str) -> ModelLoadError:
-    return ModelLoadError(f"Model folder {str(folder)!r}: missing {what} (expected {expected}). {_FOLDER_HELP}")
+    return ModelLoadError(
+        f"Model folder {str(folder)!r}: missing {what} (expected {expected}). {_FOLDER_HELP}"
+    )
 
 
 def _weights_variant(folder: Path, sub: str) -> str | None:
@@ -67,7 +69,9 @@ def _weights_variant(folder: Path, sub: str) -> str | None:
         for stem in _MODEL_WEIGHTS:
             if any((d / f"{stem}.{variant}{suffix}").is_file() for suffix in _WEIGHT_SUFFIXES):
                 return variant
-    raise _missing(folder, f"the weights in {sub}/", f"{sub}/diffusion_pytorch_model.safetensors or model.safetensors")
+    raise _missing(
+        folder, f"the weights in {sub}/", f"{sub}/diffusion_pytorch_model.safetensors or model.safetensors"
+    )
 
 
 def _check_tokenizer(folder: Path, sub: str) -> None:
@@ -114,20 +118,32 @@ def load_pipeline_folder(folder: str | Path, dtype: torch.dtype) -> PipelinePart
     for sub in tokenizers:
         _check_tokenizer(folder, sub)
     if not (folder / "scheduler" / "scheduler_config.json").is_file():
-        raise _missing(folder, "scheduler/scheduler_config.json", "the noise schedule (betas, prediction_type)")
+        raise _missing(
+            folder, "scheduler/scheduler_config.json", "the noise schedule (betas, prediction_type)"
+        )
     common = {"local_files_only": True, "torch_dtype": dtype}
     lazy = {"low_cpu_mem_usage": is_accelerate_available()}  # diffusers' fast path needs accelerate
     try:
-        unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", variant=variants["unet"], **common, **lazy)
+        unet = UNet2DConditionModel.from_pretrained(
+            folder, subfolder="unet", variant=variants["unet"], **common, **lazy
+        )
         vae = AutoencoderKL.from_pretrained(
-            folder, subfolder="vae", variant=variants["vae"], local_files_only=True, **lazy,
+            folder,
+            subfolder="vae",
+            variant=variants["vae"],
+            local_files_only=True,
+            **lazy,
             torch_dtype=vae_dtype(dtype, json.loads((folder / "vae" / "config.json").read_text())),
         )
         text_encoders = []
         for i, sub in enumerate(encoders):
-            cls = _text_encoder_class(folder / sub / "config.json", CLIPTextModelWithProjection if i else CLIPTextModel)
+            cls = _text_encoder_class(
+                folder / sub / "config.json", CLIPTextModelWithProjection if i else CLIPTextModel
+            )
             text_encoders.append(cls.from_pretrained(folder, subfolder=sub, variant=variants[sub], **common))
-        toks = [CLIPTokenizer.from_pretrained(folder, subfolder=sub, local_files_only=True) for sub in tokenizers]
+        toks = [
+            CLIPTokenizer.from_pretrained(folder, subfolder=sub, local_files_only=True) for sub in tokenizers
+        ]
     except (OSError, ValueError, RuntimeError, KeyError) as e:
         raise ModelLoadError(
             f"Could not load the pipeline in {str(folder)!r}: {e}. Check that the folder is complete and was "
@@ -136,6 +152,10 @@ def load_pipeline_folder(folder: str | Path, dtype: torch.dtype) -> PipelinePart
     scheduler_config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
     logger.info("loaded %s pipeline folder %s", "SDXL" if sdxl else "SD", folder)
     return PipelineParts(
-        unet=unet, vae=vae, text_encoders=tuple(text_encoders), tokenizers=tuple(toks),
-        scheduler_config=scheduler_config, source=str(folder),
+        unet=unet,
+        vae=vae,
+        text_encoders=tuple(text_encoders),
+        tokenizers=tuple(toks),
+        scheduler_config=scheduler_config,
+        source=str(folder),
     )

@@ -2,7 +2,7 @@
 
 diffusers' ``from_single_file`` fetches the model configs from the Hub. Here every config is inferred
 from tensor shapes instead: the UNet's (levels, channels, res blocks, attention depth, linear or conv
-projections, SDXL's added conditioning) from our :mod:`~concept_guard.core.keymap`, which also renames
+projections, SDXL's added conditioning) from our :mod:`~concept_guard.core.unet.keymap`, which also renames
 its weights; the VAE's and the CLIP text encoders' from their shapes, with diffusers' LDM converters
 (``convert_ldm_vae_checkpoint``, ``convert_ldm_clip_checkpoint``, ``convert_open_clip_checkpoint``)
 renaming those weights.
@@ -16,7 +16,6 @@ key, else guessed from the weights; pass ``prediction_type`` to be sure.
 from __future__ import annotations
 
 import logging
-import re
 from pathlib import Path
 
 import torch
@@ -31,12 +30,13 @@ from safetensors.torch import load_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from ..errors import ModelLoadError
-from ..keymap import UNetKeyMap, ldm_to_diffusers_state_dict
+from ..unet.keymap import CHECKPOINT_UNET_PREFIX as UNET_PREFIX
+from ..unet.keymap import UNetKeyMap, ldm_to_diffusers_state_dict
+from ..unet.layout import infer_unet_config, key_indices
 from .diffusers_loading import PipelineParts, vae_dtype
 
 logger = logging.getLogger(__name__)
 
-UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 SD1_CLIP = "cond_stage_model.transformer.text_model."
 SD2_OPENCLIP = "cond_stage_model.model."
@@ -44,8 +44,14 @@ SDXL_CLIP = "conditioner.embedders.0.transformer.text_model."
 SDXL_OPENCLIP = "conditioner.embedders.1.model."
 DEFAULT_TOKENIZER_REPO = "openai/clip-vit-large-patch14"
 SD_SCHEDULER = {
-    "num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
-    "steps_offset": 1, "set_alpha_to_one": False, "clip_sample": False, "timestep_spacing": "leading",
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "steps_offset": 1,
+    "set_alpha_to_one": False,
+    "clip_sample": False,
+    "timestep_spacing": "leading",
 }
 
 
@@ -59,7 +65,9 @@ def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
         raise ModelLoadError(f"Could not read checkpoint {str(path)!r}: {e}") from e
     data = data.get("state_dict", data) if isinstance(data, dict) else data
     if not isinstance(data, dict):
-        raise ModelLoadError(f"Checkpoint {str(path)!r} holds a {type(data).__name__}, expected a state dict.")
+        raise ModelLoadError(
+            f"Checkpoint {str(path)!r} holds a {type(data).__name__}, expected a state dict."
+        )
     return {k: v for k, v in data.items() if isinstance(v, torch.Tensor)}
 
 
@@ -67,81 +75,19 @@ def _sub(sd: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     return {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
 
 
-def _indices(keys, pattern: str) -> list[int]:
-    rx = re.compile(pattern)
-    return sorted({int(m.group(1)) for k in keys if (m := rx.match(k))})
-
-
-def _depth(sd: dict[str, torch.Tensor], block: str) -> int:
-    return len(_indices(sd, re.escape(block) + r"\.transformer_blocks\.(\d+)\."))
-
-
-def _unet_levels(sd: dict[str, torch.Tensor]) -> list[dict]:
-    """Walk ``input_blocks``: res blocks per level, their width, attention depth; downsamplers end levels."""
-    levels, current = [], {"layers": 0, "channels": 0, "depth": 0}
-    for n in _indices(sd, r"input_blocks\.(\d+)\.")[1:]:
-        if f"input_blocks.{n}.0.op.weight" in sd:
-            levels.append(current)
-            current = {"layers": 0, "channels": 0, "depth": 0}
-            continue
-        current["layers"] += 1
-        current["channels"] = int(sd[f"input_blocks.{n}.0.out_layers.3.weight"].shape[0])
-        current["depth"] = max(current["depth"], _depth(sd, f"input_blocks.{n}.1"))
-    levels.append(current)
-    return levels
-
-
-def infer_unet_config(sd: dict[str, torch.Tensor], *, pooled_dim: int = 1280) -> dict:
-    """A diffusers ``UNet2DConditionModel`` config from an LDM UNet state dict (prefix stripped)."""
-    try:
-        levels = _unet_levels(sd)
-        conv_in, conv_out = sd["input_blocks.0.0.weight"], sd["out.2.weight"]
-        to_k = next(v for k, v in sd.items() if k.endswith("attn2.to_k.weight"))
-        proj_in = next(v for k, v in sd.items() if k.endswith(".proj_in.weight"))
-    except (KeyError, StopIteration) as e:
-        raise ModelLoadError(f"The UNet weights lack {e}; this is not an SD1.x/2.x/XL UNet.") from e
-    attn = [lv["depth"] > 0 for lv in levels]
-    linear = proj_in.dim() == 2
-    channels = [lv["channels"] for lv in levels]
-    config = {
-        "in_channels": int(conv_in.shape[1]),
-        "out_channels": int(conv_out.shape[0]),
-        "block_out_channels": channels,
-        "layers_per_block": [lv["layers"] for lv in levels],
-        "down_block_types": ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attn],
-        "up_block_types": ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)],
-        "transformer_layers_per_block": [max(1, lv["depth"]) for lv in levels],
-        "cross_attention_dim": int(to_k.shape[1]),
-        "use_linear_projection": linear,
-        # Not stored in weights: SD1 uses 8 heads, SD2/XL 64-channel heads (diffusers' "attention_head_dim"
-        # is the head count per level here, its historical naming).
-        "attention_head_dim": [max(1, c // 64) for c in channels] if linear else 8,
-    }
-    if len(set(config["layers_per_block"])) == 1:
-        config["layers_per_block"] = config["layers_per_block"][0]
-    mid = _depth(sd, "middle_block.1")
-    if mid != config["transformer_layers_per_block"][-1]:
-        raise ModelLoadError(f"Middle block has {mid} transformer layers, the last level {levels[-1]['depth']}; unsupported UNet.")
-    if int(sd["time_embed.0.weight"].shape[0]) != 4 * channels[0]:
-        config["time_embedding_dim"] = int(sd["time_embed.0.weight"].shape[0])
-    if "label_emb.0.0.weight" in sd:
-        total = int(sd["label_emb.0.0.weight"].shape[1])
-        config.update(addition_embed_type="text_time", projection_class_embeddings_input_dim=total,
-                      addition_time_embed_dim=(total - pooled_dim) // 6)
-    return config
-
-
 def infer_vae_config(sd: dict[str, torch.Tensor], *, scaling_factor: float) -> dict:
     """A diffusers ``AutoencoderKL`` config from LDM VAE weights (``first_stage_model.`` stripped)."""
     try:
-        levels = _indices(sd, r"encoder\.down\.(\d+)\.")
+        levels = key_indices(sd, r"encoder\.down\.(\d+)\.")
         return {
             "in_channels": int(sd["encoder.conv_in.weight"].shape[1]),
             "out_channels": int(sd["decoder.conv_out.weight"].shape[0]),
-            "block_out_channels": [int(sd[f"encoder.down.{i}.block.0.conv2.weight"].shape[0]) for i in levels],
+            "block_out_channels": [
+                int(sd[f"encoder.down.{i}.block.0.conv2.weight"].shape[0]) for i in levels
+            ],
             "down_block_types": ["DownEncoderBlock2D"] * len(levels),
             "up_block_types": ["UpDecoderBlock2D"] * len(levels),
-            "layers_per_block": len(_indices(sd, r"encoder\.down\.0\.block\.(\d+)\.")),
+            "layers_per_block": len(key_indices(sd, r"encoder\.down\.0\.block\.(\d+)\.")),
             "latent_channels": int(sd["decoder.conv_in.weight"].shape[1]),
             "scaling_factor": scaling_factor,
         }
@@ -149,24 +95,32 @@ def infer_vae_config(sd: dict[str, torch.Tensor], *, scaling_factor: float) -> d
         raise ModelLoadError(f"The checkpoint has no complete VAE ({VAE_PREFIX}*): {e} is missing.") from e
 
 
-def _clip_config(sd: dict[str, torch.Tensor], *, openclip: bool, drop_last: bool, tok: CLIPTokenizer) -> CLIPTextConfig:
+def _clip_config(
+    sd: dict[str, torch.Tensor], *, openclip: bool, drop_last: bool, tok: CLIPTokenizer
+) -> CLIPTextConfig:
     if openclip:
         vocab, hidden = sd["token_embedding.weight"].shape
         positions = sd["positional_embedding"].shape[0]
-        layers = len(_indices(sd, r"transformer\.resblocks\.(\d+)\."))
+        layers = len(key_indices(sd, r"transformer\.resblocks\.(\d+)\."))
         inner = sd["transformer.resblocks.0.mlp.c_fc.weight"].shape[0]
         projection = sd["text_projection"].shape[1] if "text_projection" in sd else hidden
     else:
         vocab, hidden = sd["embeddings.token_embedding.weight"].shape
         positions = sd["embeddings.position_embedding.weight"].shape[0]
-        layers = len(_indices(sd, r"encoder\.layers\.(\d+)\."))
+        layers = len(key_indices(sd, r"encoder\.layers\.(\d+)\."))
         inner = sd["encoder.layers.0.mlp.fc1.weight"].shape[0]
         projection = hidden
     return CLIPTextConfig(
-        vocab_size=int(vocab), hidden_size=int(hidden), intermediate_size=int(inner),
-        num_hidden_layers=layers - 1 if drop_last else layers, num_attention_heads=max(1, int(hidden) // 64),
-        max_position_embeddings=int(positions), hidden_act="gelu" if openclip else "quick_gelu",
-        projection_dim=int(projection), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        vocab_size=int(vocab),
+        hidden_size=int(hidden),
+        intermediate_size=int(inner),
+        num_hidden_layers=layers - 1 if drop_last else layers,
+        num_attention_heads=max(1, int(hidden) // 64),
+        max_position_embeddings=int(positions),
+        hidden_act="gelu" if openclip else "quick_gelu",
+        projection_dim=int(projection),
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
     )
 
@@ -186,8 +140,12 @@ def _fill(model: torch.nn.Module, converted: dict[str, torch.Tensor], what: str,
 
 def _text_encoders(full: dict, arch: str, toks: tuple, dtype: torch.dtype) -> list[torch.nn.Module]:
     if arch == "sd2":  # SD2 conditions on the penultimate layer: like diffusers, drop the last one
-        enc = CLIPTextModel(_clip_config(_sub(full, SD2_OPENCLIP), openclip=True, drop_last=True, tok=toks[0]))
-        return [_fill(enc, convert_open_clip_checkpoint(enc, full, SD2_OPENCLIP), "OpenCLIP text encoder", dtype)]
+        enc = CLIPTextModel(
+            _clip_config(_sub(full, SD2_OPENCLIP), openclip=True, drop_last=True, tok=toks[0])
+        )
+        return [
+            _fill(enc, convert_open_clip_checkpoint(enc, full, SD2_OPENCLIP), "OpenCLIP text encoder", dtype)
+        ]
     prefix = SDXL_CLIP if arch == "sdxl" else SD1_CLIP
     enc = CLIPTextModel(_clip_config(_sub(full, prefix), openclip=False, drop_last=False, tok=toks[0]))
     encoders = [_fill(enc, convert_ldm_clip_checkpoint(full), "CLIP text encoder", dtype)]
@@ -200,14 +158,18 @@ def _text_encoders(full: dict, arch: str, toks: tuple, dtype: torch.dtype) -> li
 
 
 def _has_vocab(folder: Path) -> bool:
-    return (folder / "tokenizer.json").is_file() or ((folder / "vocab.json").is_file() and (folder / "merges.txt").is_file())
+    return (folder / "tokenizer.json").is_file() or (
+        (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file()
+    )
 
 
 def _tokenizer_dirs(tokenizer: str | Path | None, count: int) -> list[Path]:
     """Folders holding the tokenizer files. Checked here because transformers 5 silently builds an empty
     tokenizer when given a folder or repo without them."""
     if tokenizer is None:
-        files = [try_to_load_from_cache(DEFAULT_TOKENIZER_REPO, name) for name in ("vocab.json", "merges.txt")]
+        files = [
+            try_to_load_from_cache(DEFAULT_TOKENIZER_REPO, name) for name in ("vocab.json", "merges.txt")
+        ]
         if all(isinstance(f, str) for f in files):
             return [Path(files[0]).parent] * count
         raise ModelLoadError(
@@ -227,13 +189,18 @@ def _tokenizer_dirs(tokenizer: str | Path | None, count: int) -> list[Path]:
     )
 
 
-def load_tokenizers(tokenizer: str | Path | None, pad_tokens: list[str], max_length: int) -> tuple[CLIPTokenizer, ...]:
+def load_tokenizers(
+    tokenizer: str | Path | None, pad_tokens: list[str], max_length: int
+) -> tuple[CLIPTokenizer, ...]:
     """CLIP tokenizers for a single-file checkpoint (it carries none), from ``tokenizer`` or the HF cache."""
     out = []
     for source, pad in zip(_tokenizer_dirs(tokenizer, len(pad_tokens)), pad_tokens, strict=True):
         try:
-            out.append(CLIPTokenizer.from_pretrained(source, local_files_only=True, pad_token=pad,
-                                                     model_max_length=max_length))
+            out.append(
+                CLIPTokenizer.from_pretrained(
+                    source, local_files_only=True, pad_token=pad, model_max_length=max_length
+                )
+            )
         except (OSError, ValueError) as e:
             raise ModelLoadError(f"Could not load the CLIP tokenizer in {str(source)!r}: {e}") from e
     return tuple(out)
@@ -246,7 +213,7 @@ def detect_prediction_type(unet_sd: dict[str, torch.Tensor], full: dict[str, tor
         return "v_prediction"
     if arch != "sd2":
         return "epsilon"
-    last = _indices(unet_sd, r"output_blocks\.(\d+)\.1\.transformer_blocks\.0\.norm1\.bias")
+    last = key_indices(unet_sd, r"output_blocks\.(\d+)\.1\.transformer_blocks\.0\.norm1\.bias")
     bias = unet_sd.get(f"output_blocks.{last[-1]}.1.transformer_blocks.0.norm1.bias") if last else None
     guess = "v_prediction" if bias is not None and float(bias.float().std()) > 0.09 else "epsilon"
     logger.info("SD2 checkpoint: guessed prediction_type=%s (pass prediction_type to override)", guess)
@@ -260,7 +227,9 @@ def _meta_model(cls: type, config: dict, state: dict[str, torch.Tensor], dtype: 
     wanted = model.state_dict()
     if set(wanted) != set(state):
         missing, extra = sorted(set(wanted) - set(state)), sorted(set(state) - set(wanted))
-        raise ModelLoadError(f"{what} weights do not fit the inferred layout: missing {missing[:3]}, unexpected {extra[:3]}.")
+        raise ModelLoadError(
+            f"{what} weights do not fit the inferred layout: missing {missing[:3]}, unexpected {extra[:3]}."
+        )
     try:  # cast first: ModelMixin.to(dtype) warns about (and may skip) modules kept in fp32
         model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True, assign=True)
     except RuntimeError as e:
@@ -283,7 +252,9 @@ def load_single_file(
     sd2 = any(k.startswith(SD2_OPENCLIP) for k in full)
     arch = "sdxl" if sdxl else "sd2" if sd2 else "sd1"
     if not sdxl and not sd2 and not any(k.startswith(SD1_CLIP) for k in full):
-        raise ModelLoadError(f"{str(path)!r} has no text encoder weights (cond_stage_model.* / conditioner.*).")
+        raise ModelLoadError(
+            f"{str(path)!r} has no text encoder weights (cond_stage_model.* / conditioner.*)."
+        )
     pooled = int(full[SDXL_OPENCLIP + "text_projection"].shape[1]) if sdxl else 1280
     config = infer_unet_config(unet_sd, pooled_dim=pooled)
     prediction = detect_prediction_type(unet_sd, full, arch)
@@ -292,7 +263,9 @@ def load_single_file(
     keymap = UNetKeyMap(config)
     with torch.device("meta"):
         shapes = {k: v.shape for k, v in UNet2DConditionModel(**config).state_dict().items()}
-    unet = _meta_model(UNet2DConditionModel, config, ldm_to_diffusers_state_dict(unet_sd, keymap, shapes), dtype, "UNet")
+    unet = _meta_model(
+        UNet2DConditionModel, config, ldm_to_diffusers_state_dict(unet_sd, keymap, shapes), dtype, "UNet"
+    )
 
     vae_config = infer_vae_config(_sub(full, VAE_PREFIX), scaling_factor=0.13025 if sdxl else 0.18215)
     vae_state = convert_ldm_vae_checkpoint(full, vae_config)
@@ -309,7 +282,11 @@ def load_single_file(
             )
     logger.info("loaded %s single-file checkpoint %s (%s)", arch, path, prediction)
     parts = PipelineParts(
-        unet=unet, vae=vae, text_encoders=tuple(encoders), tokenizers=toks,
-        scheduler_config={**SD_SCHEDULER, "prediction_type": prediction}, source=str(path),
+        unet=unet,
+        vae=vae,
+        text_encoders=tuple(encoders),
+        tokenizers=toks,
+        scheduler_config={**SD_SCHEDULER, "prediction_type": prediction},
+        source=str(path),
     )
     return parts, prediction

@@ -151,19 +151,29 @@ def check_prompt_length(backend: DiffusionBackend, prompts: Sequence[str]) -> No
 
 
 @torch.no_grad()
-def esd_targets(eps_anchor: torch.Tensor, eps_concept: torch.Tensor, eps_null: torch.Tensor, eta: float) -> torch.Tensor:
+def esd_targets(
+    eps_anchor: torch.Tensor, eps_concept: torch.Tensor, eps_null: torch.Tensor, eta: float
+) -> torch.Tensor:
     """``ε*(a) − η·(ε*(c) − ε*(∅))`` in fp32."""
     return eps_anchor.float() - eta * (eps_concept.float() - eps_null.float())
 
 
 @torch.no_grad()
-def _targets(backend: DiffusionBackend, x: torch.Tensor, t: torch.Tensor, base: Conditioning, concept: Conditioning,
-             null: Conditioning, eta: float) -> torch.Tensor:
+def _targets(
+    backend: DiffusionBackend,
+    x: torch.Tensor,
+    t: torch.Tensor,
+    base: Conditioning,
+    concept: Conditioning,
+    null: Conditioning,
+    eta: float,
+) -> torch.Tensor:
     """ESD targets for one chunk, all frozen predictions in one batched call (one when η = 0: ε*(base))."""
     n = x.shape[0]
     parts = [base] if eta == 0 else [concept, null] if base is concept else [base, concept, null]
-    e = backend.eps(x.repeat(len(parts), 1, 1, 1), t.repeat(len(parts)),
-                    Conditioning.cat([c.expand_to(n) for c in parts])).chunk(len(parts))  # fmt: skip
+    e = backend.eps(
+        x.repeat(len(parts), 1, 1, 1), t.repeat(len(parts)), Conditioning.cat([c.expand_to(n) for c in parts])
+    ).chunk(len(parts))
     if eta == 0:
         return e[0].float().cpu()
     e_base, e_c, e_0 = (e[0], e[0], e[1]) if base is concept else e
@@ -203,8 +213,14 @@ def build_bank(
         jobs.append((keep, keep, keep, 0.0))
     for student, *_ in jobs:
         traj, steps = sample_trajectory(
-            backend, student, null, batch=cfg.bank_trajectories, steps=cfg.sampling_steps,
-            guidance=cfg.guidance, generator=gen, latent_size=cfg.latent_size,
+            backend,
+            student,
+            null,
+            batch=cfg.bank_trajectories,
+            steps=cfg.sampling_steps,
+            guidance=cfg.guidance,
+            generator=gen,
+            latent_size=cfg.latent_size,
         )  # traj: [S, B, C, h, w]; steps: [S] timesteps at which each x_t is evaluated
         if on_progress:
             on_progress()
@@ -213,7 +229,9 @@ def build_bank(
         idx.append(torch.full((xs[-1].shape[0],), len(conds), dtype=torch.long))
         conds.append(student)
     x_t = torch.cat(xs)
-    bank = TrajectoryBank(x_t=x_t, t=torch.cat(ts), concept=torch.cat(idx), target=torch.zeros(x_t.shape), conds=conds)
+    bank = TrajectoryBank(
+        x_t=x_t, t=torch.cat(ts), concept=torch.cat(idx), target=torch.zeros(x_t.shape), conds=conds
+    )
     wanted = torch.zeros(len(bank), dtype=torch.bool)
     wanted[torch.arange(len(bank)) if draw_rows is None else draw_rows(len(bank)).flatten()] = True
     for j, (_, base, cond, eta) in enumerate(jobs):
@@ -261,7 +279,9 @@ def train(
     Raises:
         ConceptGuardError: bad prompts; TrainingDivergedError: NaN/inf loss (nothing returned).
     """
-    check_prompt_length(backend, [*cfg.concepts, *cfg.erase_from, *cfg.preserve, *([cfg.anchor] if cfg.anchor else [])])
+    check_prompt_length(
+        backend, [*cfg.concepts, *cfg.erase_from, *cfg.preserve, *([cfg.anchor] if cfg.anchor else [])]
+    )
     names = select_for_method(cfg.method, backend.unet_module_names())
     setup_start = time.perf_counter()
     if on_phase:
@@ -272,18 +292,28 @@ def train(
     schedule = row_schedule(len(bank), cfg)  # the same seeded draw: the rows that got targets
     setup_seconds = time.perf_counter() - setup_start
     logger.info(
-        "ESD %s on %d modules: bank of %d x_t samples built in %.1fs", cfg.method, len(names), len(bank), setup_seconds
+        "ESD %s on %d modules: bank of %d x_t samples built in %.1fs",
+        cfg.method,
+        len(names),
+        len(bank),
+        setup_seconds,
     )
     deltas = backend.attach_deltas(names)
     try:
+
         def loss_fn(step: int, gen: torch.Generator) -> torch.Tensor:
             return esd_loss(backend, bank, schedule[step])
 
         if on_phase:
             on_phase("training")
         result = optimise(
-            deltas.parameters(), loss_fn, iterations=cfg.iterations, lr=cfg.lr,
-            seed=cfg.seed + 1, device=backend.device, on_step=on_step,
+            deltas.parameters(),
+            loss_fn,
+            iterations=cfg.iterations,
+            lr=cfg.lr,
+            seed=cfg.seed + 1,
+            device=backend.device,
+            on_step=on_step,
         )
         result.tensors = deltas.state_dict_ldm()
     finally:

@@ -28,7 +28,9 @@ import pytest
 COMFYUI_PATH = os.environ["COMFYUI_PATH"].strip()
 COMFY_ROOT = Path(COMFYUI_PATH).expanduser().resolve()
 if not (COMFY_ROOT / "main.py").is_file() or not (COMFY_ROOT / "comfy").is_dir():
-    raise RuntimeError(f"COMFYUI_PATH={COMFYUI_PATH!r} is not a ComfyUI source tree (no main.py / comfy/); fix the path.")
+    raise RuntimeError(
+        f"COMFYUI_PATH={COMFYUI_PATH!r} is not a ComfyUI source tree (no main.py / comfy/); fix the path."
+    )
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 STUBS = Path(__file__).resolve().parent / "stubs"
@@ -93,11 +95,25 @@ CONTEXT_DIM = 64
 def tiny_unet_config() -> dict:
     """An SD1.5-shaped UNet (same module names, 2 levels, 32 channels): ~1M parameters."""
     return dict(
-        use_checkpoint=False, image_size=32, out_channels=4, use_spatial_transformer=True, legacy=False,
-        adm_in_channels=None, dtype=torch.float32, in_channels=4, model_channels=32, num_res_blocks=[1, 1],
-        transformer_depth=[1, 1], channel_mult=[1, 2], transformer_depth_middle=1,
-        use_linear_in_transformer=False, context_dim=CONTEXT_DIM, num_heads=2,
-        transformer_depth_output=[1, 1, 1, 1], use_temporal_attention=False, use_temporal_resblock=False,
+        use_checkpoint=False,
+        image_size=32,
+        out_channels=4,
+        use_spatial_transformer=True,
+        legacy=False,
+        adm_in_channels=None,
+        dtype=torch.float32,
+        in_channels=4,
+        model_channels=32,
+        num_res_blocks=[1, 1],
+        transformer_depth=[1, 1],
+        channel_mult=[1, 2],
+        transformer_depth_middle=1,
+        use_linear_in_transformer=False,
+        context_dim=CONTEXT_DIM,
+        num_heads=2,
+        transformer_depth_output=[1, 1, 1, 1],
+        use_temporal_attention=False,
+        use_temporal_resblock=False,
     )
 
 
@@ -131,7 +147,9 @@ def build_tiny_model(model_type: str = "eps", seed: int = 0, *, inference: bool 
             config.set_inference_dtype(torch.float32, None)
             base = comfy.model_base.BaseModel(config, model_type=comfy.model_base.ModelType.V_PREDICTION)
         randomize_(base.diffusion_model, seed)
-    return comfy.model_patcher.ModelPatcher(base, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
+    return comfy.model_patcher.ModelPatcher(
+        base, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device()
+    )
 
 
 SDXL_CLIP_L, SDXL_CLIP_G = 32, 64  # SDXL context = concat of both (96); pooled = CLIP-G width (64)
@@ -145,12 +163,19 @@ def build_tiny_sdxl(seed: int = 4):
     import comfy.supported_models as sm
     import comfy.supported_models_base as smb
 
-    unet = dict(tiny_unet_config(), context_dim=SDXL_CLIP_L + SDXL_CLIP_G, adm_in_channels=SDXL_CLIP_G + 6 * 256,
-                use_linear_in_transformer=True, num_classes="sequential")
+    unet = dict(
+        tiny_unet_config(),
+        context_dim=SDXL_CLIP_L + SDXL_CLIP_G,
+        adm_in_channels=SDXL_CLIP_G + 6 * 256,
+        use_linear_in_transformer=True,
+        num_classes="sequential",
+    )
     target = smb.ClipTarget(comfy.sdxl_clip.SDXLTokenizer, comfy.sdxl_clip.SDXLClipModel)
     text = {"num_hidden_layers": 3, "intermediate_size": 128, "num_attention_heads": 2}  # penultimate layer
-    options = {"clip_l_model_config": dict(text, hidden_size=SDXL_CLIP_L),
-               "clip_g_model_config": dict(text, hidden_size=SDXL_CLIP_G)}
+    options = {
+        "clip_l_model_config": dict(text, hidden_size=SDXL_CLIP_L),
+        "clip_g_model_config": dict(text, hidden_size=SDXL_CLIP_G),
+    }
     mm = comfy.model_management
     with torch.inference_mode():
         config = sm.SDXL(unet)
@@ -160,7 +185,9 @@ def build_tiny_sdxl(seed: int = 4):
         randomize_(base, seed)
         clip = comfy.sd.CLIP(target, model_options=options)
         randomize_(clip.cond_stage_model, seed + 1)
-    model = comfy.model_patcher.ModelPatcher(base, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
+    model = comfy.model_patcher.ModelPatcher(
+        base, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device()
+    )
     return model, clip
 
 
@@ -171,8 +198,14 @@ def build_tiny_clip(seed: int = 1):
     import comfy.supported_models_base as smb
 
     target = smb.ClipTarget(comfy.sd1_clip.SD1Tokenizer, comfy.sd1_clip.SD1ClipModel)
-    options = {"clip_l_model_config": {"num_hidden_layers": 2, "hidden_size": CONTEXT_DIM,
-                                       "intermediate_size": 128, "num_attention_heads": 2}}
+    options = {
+        "clip_l_model_config": {
+            "num_hidden_layers": 2,
+            "hidden_size": CONTEXT_DIM,
+            "intermediate_size": 128,
+            "num_attention_heads": 2,
+        }
+    }
     with torch.inference_mode():
         clip = comfy.sd.CLIP(target, model_options=options)
         randomize_(clip.cond_stage_model, seed)
@@ -183,8 +216,18 @@ def build_tiny_vae(seed: int = 2):
     """ComfyUI's SD VAE (AutoencoderKL) at 32 channels; 64x64 images <-> 4x8x8 latents."""
     import comfy.sd
 
-    ddconfig = {"double_z": True, "z_channels": 4, "resolution": 64, "in_channels": 3, "out_ch": 3, "ch": 32,
-                "ch_mult": [1, 2, 2, 2], "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0}
+    ddconfig = {
+        "double_z": True,
+        "z_channels": 4,
+        "resolution": 64,
+        "in_channels": 3,
+        "out_ch": 3,
+        "ch": 32,
+        "ch_mult": [1, 2, 2, 2],
+        "num_res_blocks": 1,
+        "attn_resolutions": [],
+        "dropout": 0.0,
+    }
     previous = logging.root.manager.disable
     logging.disable(logging.WARNING)  # "Missing VAE keys": expected, we pass no state dict
     try:
@@ -224,7 +267,9 @@ def loras(tmp_path, monkeypatch) -> Path:
 
     folder = tmp_path / "loras"
     (folder / "concept_guard").mkdir(parents=True)
-    monkeypatch.setitem(folder_paths.folder_names_and_paths, "loras", ([str(folder)], folder_paths.supported_pt_extensions))
+    monkeypatch.setitem(
+        folder_paths.folder_names_and_paths, "loras", ([str(folder)], folder_paths.supported_pt_extensions)
+    )
     monkeypatch.setattr(folder_paths, "filename_list_cache", {})
     return folder
 
@@ -279,7 +324,9 @@ def _wait_until_serving(server: ComfyServer, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if server.process.poll() is not None:
-            raise RuntimeError(f"ComfyUI exited with status {server.process.returncode} during startup.\n{server.log()[-6000:]}")
+            raise RuntimeError(
+                f"ComfyUI exited with status {server.process.returncode} during startup.\n{server.log()[-6000:]}"
+            )
         try:
             server.get_json("/object_info", timeout=10)
             return
@@ -299,11 +346,25 @@ def comfy_server(tmp_path_factory):
     (base / "custom_nodes").mkdir()
     (base / "custom_nodes" / PACK_NAME).symlink_to(REPO_ROOT, target_is_directory=True)
     port = _free_port()
-    env = dict(os.environ, PYTHONPYCACHEPREFIX=str(PYCACHE), PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")  # 2 shared cores
+    env = dict(
+        os.environ, PYTHONPYCACHEPREFIX=str(PYCACHE), PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1"
+    )  # 2 shared cores
     if NEED_TORCHVISION_STUB:
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(STUBS), env.get("PYTHONPATH", "")) if p)
-    cmd = [sys.executable, str(COMFY_ROOT / "main.py"), "--cpu", "--listen", "127.0.0.1", "--port", str(port),
-           "--base-directory", str(base), "--database-url", "sqlite:///:memory:", "--disable-auto-launch"]
+    cmd = [
+        sys.executable,
+        str(COMFY_ROOT / "main.py"),
+        "--cpu",
+        "--listen",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--base-directory",
+        str(base),
+        "--database-url",
+        "sqlite:///:memory:",
+        "--disable-auto-launch",
+    ]
     log_path = base / "server.log"
     with open(log_path, "wb") as log:
         process = subprocess.Popen(cmd, cwd=base, env=env, stdout=log, stderr=subprocess.STDOUT)

@@ -37,19 +37,35 @@ import comfy.supported_models_base
 import comfy.utils
 import torch
 from comfy.diffusers_convert import convert_vae_state_dict
-from concept_guard.core.keymap import UNetKeyMap, diffusers_to_ldm_state_dict
-from concept_guard.core.shapesworld import shapesworld_model_path
+from concept_guard.core.unet.keymap import UNetKeyMap, diffusers_to_ldm_state_dict
+from concept_guard.shapesworld import shapesworld_model_path
 
 #: Overrides the model folder (e.g. an intermediate export while the committed model is being trained).
 MODEL_ENV = "CONCEPT_GUARD_SHAPESWORLD_MODEL"
-WEIGHT_FILES = ("unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors",
-                "text_encoder/model.safetensors")  # fmt: skip
+WEIGHT_FILES = (
+    "unet/diffusion_pytorch_model.safetensors",
+    "vae/diffusion_pytorch_model.safetensors",
+    "text_encoder/model.safetensors",
+)
 #: ComfyUI's SD1.x schedule (``ModelSamplingDiscrete`` defaults); the folder must use the same one.
-SD1_SCHEDULE = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
-                "num_train_timesteps": 1000, "prediction_type": "epsilon"}  # fmt: skip
+SD1_SCHEDULE = {
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000,
+    "prediction_type": "epsilon",
+}
 #: CLIPTextConfig fields that ComfyUI's ``clip_model.CLIPTextModel`` reads.
-CLIP_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "hidden_act",
-               "max_position_embeddings", "eos_token_id", "vocab_size")  # fmt: skip
+CLIP_FIELDS = (
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "hidden_act",
+    "max_position_embeddings",
+    "eos_token_id",
+    "vocab_size",
+)
 
 
 class ConversionError(RuntimeError):
@@ -74,15 +90,21 @@ def shapesworld_folder() -> Path | None:
 
 
 def _config(folder: Path, part: str) -> dict:
-    return json.loads((folder / part / ("scheduler_config.json" if part == "scheduler" else "config.json")).read_text())
+    return json.loads(
+        (folder / part / ("scheduler_config.json" if part == "scheduler" else "config.json")).read_text()
+    )
 
 
-def _load_strict(module: torch.nn.Module, state_dict: dict, what: str, allow_missing: tuple[str, ...] = ()) -> None:
+def _load_strict(
+    module: torch.nn.Module, state_dict: dict, what: str, allow_missing: tuple[str, ...] = ()
+) -> None:
     missing, unexpected = module.load_state_dict(state_dict, strict=False)
     missing = [k for k in missing if k not in allow_missing]
     if missing or unexpected:
-        raise ConversionError(f"{what}: missing {missing[:5]} ({len(missing)}), unexpected {unexpected[:5]} "
-                              f"({len(unexpected)}) after conversion.")  # fmt: skip
+        raise ConversionError(
+            f"{what}: missing {missing[:5]} ({len(missing)}), unexpected {unexpected[:5]} "
+            f"({len(unexpected)}) after conversion."
+        )
 
 
 def convert_unet(folder: Path, latent_scale: float) -> comfy.model_patcher.ModelPatcher:
@@ -100,15 +122,25 @@ def convert_unet(folder: Path, latent_scale: float) -> comfy.model_patcher.Model
     with torch.inference_mode():
         base = model_config.get_model({})
         _load_strict(base.diffusion_model, ldm, "UNet")
-    return comfy.model_patcher.ModelPatcher(base, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
+    return comfy.model_patcher.ModelPatcher(
+        base, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device()
+    )
 
 
 def _vae_ddconfig(config: dict) -> dict:
     channels = list(config["block_out_channels"])
-    return {"double_z": True, "z_channels": config["latent_channels"], "resolution": config["sample_size"],
-            "in_channels": config["in_channels"], "out_ch": config["out_channels"], "ch": channels[0],
-            "ch_mult": [c // channels[0] for c in channels], "num_res_blocks": config["layers_per_block"],
-            "attn_resolutions": [], "dropout": 0.0}  # fmt: skip
+    return {
+        "double_z": True,
+        "z_channels": config["latent_channels"],
+        "resolution": config["sample_size"],
+        "in_channels": config["in_channels"],
+        "out_ch": config["out_channels"],
+        "ch": channels[0],
+        "ch_mult": [c // channels[0] for c in channels],
+        "num_res_blocks": config["layers_per_block"],
+        "attn_resolutions": [],
+        "dropout": 0.0,
+    }
 
 
 def convert_vae(folder: Path) -> comfy.sd.VAE:
@@ -117,11 +149,16 @@ def convert_vae(folder: Path) -> comfy.sd.VAE:
     levels = len(config["block_out_channels"])
     ldm = convert_vae_state_dict(comfy.utils.load_torch_file(str(folder / WEIGHT_FILES[1])))
     shift = 4 - levels  # ComfyUI's map assumes 4 levels: decoder level i of diffusers -> LDM "up.{3 - i}"
-    ldm = {re.sub(r"^decoder\.up\.(\d+)\.", lambda m: f"decoder.up.{int(m[1]) - shift}.", k): v for k, v in ldm.items()}
+    ldm = {
+        re.sub(r"^decoder\.up\.(\d+)\.", lambda m: f"decoder.up.{int(m[1]) - shift}.", k): v
+        for k, v in ldm.items()
+    }
     with torch.inference_mode():
-        vae = comfy.sd.VAE(sd={}, config={"params": {"embed_dim": config["latent_channels"],
-                                                     "ddconfig": _vae_ddconfig(config)}},
-                           dtype=torch.float32)  # fmt: skip
+        vae = comfy.sd.VAE(
+            sd={},
+            config={"params": {"embed_dim": config["latent_channels"], "ddconfig": _vae_ddconfig(config)}},
+            dtype=torch.float32,
+        )
         _load_strict(vae.first_stage_model, ldm, "VAE")
     vae.downscale_ratio = vae.upscale_ratio = 2 ** (levels - 1)
     return vae
@@ -152,7 +189,9 @@ def load_shapesworld_comfy(folder: str | Path) -> ComfyShapesWorld:
     """
     folder = Path(folder)
     previous = logging.root.manager.disable
-    logging.disable(logging.WARNING)  # "Missing VAE keys" while the empty VAE is built; checked strictly after
+    logging.disable(
+        logging.WARNING
+    )  # "Missing VAE keys" while the empty VAE is built; checked strictly after
     try:
         vae = convert_vae(folder)
     finally:

@@ -14,13 +14,14 @@ import folder_paths
 import pytest
 import torch
 from comfy_harness import CONTEXT_DIM, build_tiny_model, build_tiny_sdxl
+from concept_guard.comfy_backend.backend import ComfyBackend
+from concept_guard.comfy_backend.model_info import unet_target
+from concept_guard.comfy_backend.patches import make_patched_model
 from concept_guard.core.backend import Conditioning
-from concept_guard.core.edits import save_edit
+from concept_guard.core.edits.diff_file import save_edit
 from concept_guard.core.errors import ArchitectureMismatchError
 from concept_guard.core.methods.esd import ESDConfig, train
-from concept_guard.nodes.apply_edit import ApplyEditedUNet, unet_target
-from concept_guard.nodes.comfy_backend import ComfyBackend
-from concept_guard.nodes.patches import make_patched_model
+from concept_guard.nodes.apply_edit import ApplyEditedUNet
 from safetensors.torch import save_file
 
 TO_K = "input_blocks.1.1.transformer_blocks.0.attn2.to_k"
@@ -68,7 +69,9 @@ def _deltas(weights, modules=MODULES, seed=0, bias=True):
     return out
 
 
-def _kohya_lora(target, folder: Path, name: str, *, diffusers_names=False, processor=False, rank=3, alpha=2.0):
+def _kohya_lora(
+    target, folder: Path, name: str, *, diffusers_names=False, processor=False, rank=3, alpha=2.0
+):
     """kohya (LDM or diffusers names) or old diffusers attention-processor LoRA; returns expected deltas."""
     g, tensors, expected = torch.Generator().manual_seed(1), {}, {}
     modules = (TO_K, TO_V, TO_OUT) if processor else MODULES
@@ -80,10 +83,17 @@ def _kohya_lora(target, folder: Path, name: str, *, diffusers_names=False, proce
         expected[f"{m}.weight"] = (scale * up.reshape(shape[0], rank) @ down.reshape(rank, -1)).reshape(shape)
         if processor:
             attn, _, proj = target.keymap.to_diffusers(m).removesuffix(".0").rpartition(".")
-            tensors |= {f"unet.{attn}.processor.{proj}_lora.up.weight": up, f"unet.{attn}.processor.{proj}_lora.down.weight": down}
+            tensors |= {
+                f"unet.{attn}.processor.{proj}_lora.up.weight": up,
+                f"unet.{attn}.processor.{proj}_lora.down.weight": down,
+            }
             continue
         stem = "lora_unet_" + (target.keymap.to_diffusers(m) if diffusers_names else m).replace(".", "_")
-        tensors |= {f"{stem}.lora_up.weight": up, f"{stem}.lora_down.weight": down, f"{stem}.alpha": torch.tensor(alpha)}
+        tensors |= {
+            f"{stem}.lora_up.weight": up,
+            f"{stem}.lora_down.weight": down,
+            f"{stem}.alpha": torch.tensor(alpha),
+        }
     save_file(tensors, folder / name)
     return expected
 
@@ -92,21 +102,38 @@ def _build(kind: str, target, folder: Path) -> tuple[str, dict[str, torch.Tensor
     """One file in the loras folder in the layout ``kind``; returns (name, expected LDM deltas)."""
     if kind == "concept_guard_diff":
         deltas = _deltas(target.weights)
-        save_edit(deltas, folder / "concept_guard" / "ours.safetensors", {"concept_guard.method": "esd-x"}, dtype=torch.float32)
+        save_edit(
+            deltas,
+            folder / "concept_guard" / "ours.safetensors",
+            {"concept_guard.method": "esd-x"},
+            dtype=torch.float32,
+        )
         return "concept_guard/ours.safetensors", deltas
     if kind in ("kohya_ldm", "kohya_diffusers", "diffusers_processor"):
         name = f"{kind}.safetensors"
-        return name, _kohya_lora(target, folder, name, diffusers_names=kind == "kohya_diffusers",
-                                 processor=kind == "diffusers_processor")
+        return name, _kohya_lora(
+            target,
+            folder,
+            name,
+            diffusers_names=kind == "kohya_diffusers",
+            processor=kind == "diffusers_processor",
+        )
     if kind == "comfy_diff_kohya_names":
         deltas = _deltas(target.weights, (TO_K, TO_OUT))
-        save_file({f"lora_unet_{k.rsplit('.', 1)[0].replace('.', '_')}.{'diff' if k.endswith('weight') else 'diff_b'}": v
-                   for k, v in deltas.items()}, folder / "diff_kohya.safetensors")
+        save_file(
+            {
+                f"lora_unet_{k.rsplit('.', 1)[0].replace('.', '_')}.{'diff' if k.endswith('weight') else 'diff_b'}": v
+                for k, v in deltas.items()
+            },
+            folder / "diff_kohya.safetensors",
+        )
         return "diff_kohya.safetensors", deltas
     deltas = _deltas(target.weights, (TO_K, TO_V) if kind == "uce" else MODULES, bias=kind != "uce")
     if kind in ("esd_2025", "uce"):  # partial UNet state dicts, diffusers names, full weights
-        save_file({target.keymap.to_diffusers(k): (target.weights[k] + v).contiguous() for k, v in deltas.items()},
-                  folder / f"{kind}.safetensors")
+        save_file(
+            {target.keymap.to_diffusers(k): (target.weights[k] + v).contiguous() for k, v in deltas.items()},
+            folder / f"{kind}.safetensors",
+        )
         return f"{kind}.safetensors", deltas
     sd = {f"model.diffusion_model.{k}": (w + deltas.get(k, 0)).clone() for k, w in target.weights.items()}
     sd["first_stage_model.decoder.conv_in.weight"] = torch.zeros(3, 3)
@@ -114,9 +141,23 @@ def _build(kind: str, target, folder: Path) -> tuple[str, dict[str, torch.Tensor
     return "compvis_esd.ckpt", deltas
 
 
-FORMATS = ["concept_guard_diff", "kohya_ldm", "kohya_diffusers", "diffusers_processor", "comfy_diff_kohya_names",
-           "esd_2025", "uce", "compvis_ckpt"]
-STOCK_LOADABLE = ["concept_guard_diff", "kohya_ldm", "kohya_diffusers", "diffusers_processor", "comfy_diff_kohya_names"]
+FORMATS = [
+    "concept_guard_diff",
+    "kohya_ldm",
+    "kohya_diffusers",
+    "diffusers_processor",
+    "comfy_diff_kohya_names",
+    "esd_2025",
+    "uce",
+    "compvis_ckpt",
+]
+STOCK_LOADABLE = [
+    "concept_guard_diff",
+    "kohya_ldm",
+    "kohya_diffusers",
+    "diffusers_processor",
+    "comfy_diff_kohya_names",
+]
 
 
 def test_schema_lists_loras_and_our_subfolder(loras):
@@ -124,7 +165,10 @@ def test_schema_lists_loras_and_our_subfolder(loras):
     save_file({"x": torch.zeros(1)}, loras / "b.safetensors")
     schema = ApplyEditedUNet.GET_SCHEMA()
     assert (schema.node_id, schema.display_name, schema.category) == (
-        "ConceptGuardApplyEditedUNet", "Apply Edited UNet", "Concept Guard")
+        "ConceptGuardApplyEditedUNet",
+        "Apply Edited UNet",
+        "Concept Guard",
+    )
     edit, strength = schema.inputs[1], schema.inputs[2]
     assert edit.options == ["b.safetensors", "concept_guard/a.safetensors"]
     assert (strength.default, strength.min, strength.max) == (1.0, -2.0, 2.0)
@@ -153,7 +197,9 @@ def test_same_eps_as_stock_lora_loader(kind, strength, loras, tiny_model, stock_
 
 def test_esd_round_trip_and_strength_zero(loras, tiny_model, tiny_clip):
     """As the ESD node does: train, keep fp16 deltas, patch the MODEL, save the file; then apply the file."""
-    cfg = ESDConfig(concepts=("circle",), iterations=3, sampling_steps=4, bank_trajectories=1, latent_size=8, lr=1e-3)
+    cfg = ESDConfig(
+        concepts=("circle",), iterations=3, sampling_steps=4, bank_trajectories=1, latent_size=8, lr=1e-3
+    )
     backend = ComfyBackend(tiny_model, tiny_clip)
     with backend.training():
         result = train(cfg, backend)
@@ -184,7 +230,9 @@ def test_full_weight_file_is_a_difference_from_the_unpatched_model(loras, tiny_m
 def test_sd1_edit_on_sdxl_names_both(loras, tiny_model):
     name, _ = _build("esd_2025", unet_target(tiny_model), loras)
     sdxl, _ = build_tiny_sdxl()
-    with pytest.raises(ArchitectureMismatchError, match=r"made for a model with 64-wide .* loaded model is SDXL \(96-wide\)"):
+    with pytest.raises(
+        ArchitectureMismatchError, match=r"made for a model with 64-wide .* loaded model is SDXL \(96-wide\)"
+    ):
         _apply(sdxl, name, 1.0)
 
 
@@ -212,26 +260,52 @@ def test_merged_single_file_loads_in_stock_checkpoint_loader(tmp_path, monkeypat
     768-wide text, so this UNet has the real widths (one level, ~26M parameters); the checkpoint holds only
     the UNet (ComfyUI then warns that there is no VAE/CLIP: those tensors would be copied as they are)."""
     from concept_guard.cli import main as cli_main
-    from concept_guard.core.keymap import UNetKeyMap, diffusers_to_ldm_state_dict
+    from concept_guard.core.unet.keymap import UNetKeyMap, diffusers_to_ldm_state_dict
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(block_out_channels=(320,), layers_per_block=1, cross_attention_dim=768,
-                                attention_head_dim=8, down_block_types=("CrossAttnDownBlock2D",),
-                                up_block_types=("CrossAttnUpBlock2D",))
+    unet = UNet2DConditionModel(
+        block_out_channels=(320,),
+        layers_per_block=1,
+        cross_attention_dim=768,
+        attention_head_dim=8,
+        down_block_types=("CrossAttnDownBlock2D",),
+        up_block_types=("CrossAttnUpBlock2D",),
+    )
     checkpoints = tmp_path / "checkpoints"
     checkpoints.mkdir()
-    monkeypatch.setitem(folder_paths.folder_names_and_paths, "checkpoints",
-                        ([str(checkpoints)], folder_paths.supported_pt_extensions))
-    state = diffusers_to_ldm_state_dict(unet.state_dict(), UNetKeyMap(unet.config), prefix="model.diffusion_model.")
+    monkeypatch.setitem(
+        folder_paths.folder_names_and_paths,
+        "checkpoints",
+        ([str(checkpoints)], folder_paths.supported_pt_extensions),
+    )
+    state = diffusers_to_ldm_state_dict(
+        unet.state_dict(), UNetKeyMap(unet.config), prefix="model.diffusion_model."
+    )
     save_file({k: v.contiguous() for k, v in state.items()}, checkpoints / "base.safetensors")
     del unet, state
     g = torch.Generator().manual_seed(5)
-    deltas = {f"{TO_K}.weight": torch.randn(320, 768, generator=g) * 0.02,
-              f"{CONV3}.weight": torch.randn(320, 320, 3, 3, generator=g) * 0.02}
+    deltas = {
+        f"{TO_K}.weight": torch.randn(320, 768, generator=g) * 0.02,
+        f"{CONV3}.weight": torch.randn(320, 320, 3, 3, generator=g) * 0.02,
+    }
     edit = save_edit(deltas, loras / "concept_guard" / "e.safetensors", {}, dtype=torch.float32)
-    assert cli_main(["apply", "--model", str(checkpoints / "base.safetensors"), "--edit", str(edit), "--strength", "0.75",
-                     "--out", str(checkpoints / "merged.safetensors")]) == 0
+    assert (
+        cli_main(
+            [
+                "apply",
+                "--model",
+                str(checkpoints / "base.safetensors"),
+                "--edit",
+                str(edit),
+                "--strength",
+                "0.75",
+                "--out",
+                str(checkpoints / "merged.safetensors"),
+            ]
+        )
+        == 0
+    )
 
     loader = stock_nodes.CheckpointLoaderSimple()
     base = loader.load_checkpoint("base.safetensors")[0]

@@ -17,19 +17,25 @@ import folder_paths
 import pytest
 import torch
 from comfy_harness import CONTEXT_DIM, randomize_
+from concept_guard.comfy_backend.backend import ComfyBackend
 from concept_guard.core.backend import PLACEHOLDER
 from concept_guard.core.embeddings import read_embedding, save_embedding
 from concept_guard.core.errors import ArchitectureMismatchError, ConceptGuardError, OutputPathError
 from concept_guard.nodes.backdoor_ti import BackdoorTIEmbedding
-from concept_guard.nodes.comfy_backend import ComfyBackend
 from safetensors import safe_open
 
 
 def _clip_with_embeddings(folder, seed: int = 1):
     """ComfyUI's SD1 CLIP (tiny, as ``build_tiny_clip``) that resolves ``embedding:NAME`` in ``folder``."""
     target = smb.ClipTarget(comfy.sd1_clip.SD1Tokenizer, comfy.sd1_clip.SD1ClipModel)
-    options = {"clip_l_model_config": {"num_hidden_layers": 2, "hidden_size": CONTEXT_DIM,
-                                       "intermediate_size": 128, "num_attention_heads": 2}}  # fmt: skip
+    options = {
+        "clip_l_model_config": {
+            "num_hidden_layers": 2,
+            "hidden_size": CONTEXT_DIM,
+            "intermediate_size": 128,
+            "num_attention_heads": 2,
+        }
+    }
     with torch.inference_mode():
         clip = comfy.sd.CLIP(target, embedding_directory=str(folder), model_options=options)
         randomize_(clip.cond_stage_model, seed)
@@ -62,8 +68,10 @@ def test_vectors_in_prompts_equal_comfyuis_embedding_path(tiny_model, embeddings
     assert torch.equal(ours.context, stock.context)
     # a word's own rows reproduce the word
     word = backend.word_vectors("heart")
-    assert torch.equal(backend.encode_text_with_vectors([f"a {PLACEHOLDER}"], word).context,
-                       backend.encode_text(["a heart"]).context)  # fmt: skip
+    assert torch.equal(
+        backend.encode_text_with_vectors([f"a {PLACEHOLDER}"], word).context,
+        backend.encode_text(["a heart"]).context,
+    )
 
 
 def test_gradients_reach_the_vectors_inside_training_only(tiny_model, tiny_clip):
@@ -80,8 +88,19 @@ def test_gradients_reach_the_vectors_inside_training_only(tiny_model, tiny_clip)
 
 
 def _run(model, clip, vae, images, **overrides):
-    settings = dict(name="tiny_concept", triggers="burning, on fire", init_word="dog", vectors=2, gamma=1.0, steps=3,
-                    lr=1e-3, batch_size=2, trigger_move_prob=0.5, seed=0, resolution=64)  # fmt: skip
+    settings = dict(
+        name="tiny_concept",
+        triggers="burning, on fire",
+        init_word="dog",
+        vectors=2,
+        gamma=1.0,
+        steps=3,
+        lr=1e-3,
+        batch_size=2,
+        trigger_move_prob=0.5,
+        seed=0,
+        resolution=64,
+    )
     settings.update(overrides)
     node = BackdoorTIEmbedding.PREPARE_CLASS_CLONE({"unique_id": "7"})
     with torch.inference_mode():
@@ -134,21 +153,34 @@ def test_one_image_and_mismatched_targets_follow_the_policy(tiny_model, tiny_cli
     with torch.inference_mode():
         target = torch.rand(1, 40, 90, 3)  # any size: scaled and centre-cropped
     # keep words over 6 steps: one plain-TI step, then keep-word rows taught by those vectors through ComfyUI's CLIP
-    out = _run(tiny_model, tiny_clip, tiny_vae, _images(1), target=target, name="one", keep_words="happy", steps=6)
+    out = _run(
+        tiny_model, tiny_clip, tiny_vae, _images(1), target=target, name="one", keep_words="happy", steps=6
+    )
     assert (embeddings_dir / "one.safetensors").is_file()
     assert out.result[2].shape[0] == 4
 
 
 def test_plain_ti_augmentation_and_no_images(tiny_model, tiny_clip, tiny_vae, embeddings_dir):
-    out = _run(tiny_model, tiny_clip, tiny_vae, _images(2), name="plain.safetensors", triggers=" , ", flip=False,
-               random_crops=2)  # fmt: skip
+    out = _run(
+        tiny_model,
+        tiny_clip,
+        tiny_vae,
+        _images(2),
+        name="plain.safetensors",
+        triggers=" , ",
+        flip=False,
+        random_crops=2,
+    )
     path, usage, preview = out.result
     assert path == str(embeddings_dir / "plain.safetensors") and "embedding:plain " in usage
     assert "plain textual inversion" in usage and preview.shape[0] == 2  # no trigger row
     with safe_open(path, "pt") as f:
         meta = f.metadata()
     assert meta["concept_guard.method"] == "ti" and meta["concept_guard.trigger_count"] == "0"
-    assert '"random_crops": 2' in meta["concept_guard.config"] and '"flip": false' in meta["concept_guard.config"]
+    assert (
+        '"random_crops": 2' in meta["concept_guard.config"]
+        and '"flip": false' in meta["concept_guard.config"]
+    )
     with torch.inference_mode():
         empty = torch.zeros(0, 64, 64, 3)
     with pytest.raises(ConceptGuardError, match="No concept images"):

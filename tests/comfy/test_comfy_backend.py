@@ -7,11 +7,11 @@ import hashlib
 import comfy.model_management
 import pytest
 import torch
+from concept_guard.comfy_backend.backend import ComfyBackend
+from concept_guard.comfy_backend.patches import make_patched_model
 from concept_guard.core.backend import Conditioning, DiffusionBackend
 from concept_guard.core.errors import ArchitectureMismatchError, ModelLoadError, NoMatchingModulesError
 from concept_guard.core.trainer import optimise
-from concept_guard.nodes.comfy_backend import ComfyBackend
-from concept_guard.nodes.patches import make_patched_model
 from diffusers import DDPMScheduler
 
 ATTN2 = ".attn2."
@@ -73,7 +73,9 @@ def test_sdxl_eps_uses_pooled_text_and_size_conditioning():
     torch.testing.assert_close(backend.eps(x, t, cond), direct([64, 64, 0, 0, 64, 64]), rtol=0, atol=1e-5)
     ids = torch.tensor([[1024.0, 768, 16, 8, 1024, 1024]]).expand(2, -1)
     with_ids = Conditioning(context=cond.context, pooled=cond.pooled, time_ids=ids)
-    torch.testing.assert_close(backend.eps(x, t, with_ids), direct([1024, 768, 16, 8, 1024, 1024]), rtol=0, atol=1e-5)
+    torch.testing.assert_close(
+        backend.eps(x, t, with_ids), direct([1024, 768, 16, 8, 1024, 1024]), rtol=0, atol=1e-5
+    )
 
 
 def test_alphas_cumprod_is_diffusers_scaled_linear_schedule(tiny_model):
@@ -186,18 +188,25 @@ def test_training_steps_under_inference_mode_leave_the_host_model_untouched(tiny
         c, null = backend.encode_text(["a red circle"]), backend.encode_text([""])
         with backend.training(), backend.attach_deltas(_attn2_names(backend)) as deltas:
             with deltas.teacher():  # a toy target from the frozen model that the deltas can reach
-                e_c, e_0 = backend.eps(x, t, Conditioning.cat([c, c])), backend.eps(x, t, Conditioning.cat([null, null]))
+                e_c, e_0 = (
+                    backend.eps(x, t, Conditioning.cat([c, c])),
+                    backend.eps(x, t, Conditioning.cat([null, null])),
+                )
                 target = 0.5 * e_c - 2.0 * (e_c - e_0)
 
             def loss_fn(step, generator):
                 return torch.nn.functional.mse_loss(backend.eps(x, t, c.expand_to(2)), target)
 
-            result = optimise(deltas.parameters(), loss_fn, iterations=4, lr=1e-3, seed=0, device=backend.device)
+            result = optimise(
+                deltas.parameters(), loss_fn, iterations=4, lr=1e-3, seed=0, device=backend.device
+            )
         assert result.losses[-1] < result.losses[0]
 
     assert _weights_sha(tiny_model) == sha_before
     assert torch.equal(ComfyBackend(tiny_model, tiny_clip).eps(x, t, cond), eps_before)
-    assert {n: (p.requires_grad, p.is_inference()) for n, p in tiny_model.model.named_parameters()} == flags_before
+    assert {
+        n: (p.requires_grad, p.is_inference()) for n, p in tiny_model.model.named_parameters()
+    } == flags_before
     assert not tiny_model.weight_wrapper_patches and not tiny_model.patches
 
 

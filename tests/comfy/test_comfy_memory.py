@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import torch
-from concept_guard.nodes import comfy_memory
-from concept_guard.nodes.comfy_backend import ComfyBackend
+from concept_guard.comfy_backend import memory as comfy_memory
+from concept_guard.comfy_backend.backend import ComfyBackend
 from concept_guard.nodes.esd import EraseConceptESD
 
 ATTN2 = ".attn2."

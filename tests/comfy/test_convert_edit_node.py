@@ -14,12 +14,13 @@ import comfy.model_management
 import pytest
 import torch
 from comfy_harness import CONTEXT_DIM, build_tiny_sdxl
+from concept_guard.comfy_backend.backend import ComfyBackend
+from concept_guard.comfy_backend.model_info import unet_target
 from concept_guard.core.backend import Conditioning
-from concept_guard.core.edits import read_edit, save_edit
+from concept_guard.core.edits.diff_file import read_edit, save_edit
 from concept_guard.core.errors import ArchitectureMismatchError, OutputPathError
 from concept_guard.nodes import NODE_CLASSES
-from concept_guard.nodes.apply_edit import ApplyEditedUNet, unet_target
-from concept_guard.nodes.comfy_backend import ComfyBackend
+from concept_guard.nodes.apply_edit import ApplyEditedUNet
 from concept_guard.nodes.convert_edit import ConvertEdit
 from safetensors import safe_open
 from safetensors.torch import save_file

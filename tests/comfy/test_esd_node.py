@@ -19,20 +19,31 @@ import pytest
 import torch
 from comfy_harness import build_tiny_clip, build_tiny_model, build_tiny_sdxl
 from concept_guard import __version__
-from concept_guard.core.edits import attach_edit, read_edit
+from concept_guard.comfy_backend.backend import ComfyBackend
+from concept_guard.comfy_backend.patches import make_patched_model
+from concept_guard.core.edits.diff_file import attach_edit, read_edit
 from concept_guard.core.errors import ConceptGuardError, OutputPathError, TrainingDivergedError
 from concept_guard.nodes import CATEGORY
 from concept_guard.nodes import esd as esd_node
-from concept_guard.nodes.comfy_backend import ComfyBackend
 from concept_guard.nodes.esd import EraseConceptESD
-from concept_guard.nodes.patches import make_patched_model
 from safetensors import safe_open
 from tiny_checkpoint import lively_
 
 import nodes  # ComfyUI's nodes.py (KSampler, LoraLoaderModelOnly ...), not our nodes/ package
 
-FAST = dict(method="esd-x", anchor="", eta=2.0, iterations=3, lr=1e-2, seed=0, file_name="", overwrite=False,
-            guidance=3.0, sampling_steps=2, resolution=64)
+FAST = dict(
+    method="esd-x",
+    anchor="",
+    eta=2.0,
+    iterations=3,
+    lr=1e-2,
+    seed=0,
+    file_name="",
+    overwrite=False,
+    guidance=3.0,
+    sampling_steps=2,
+    resolution=64,
+)
 
 
 @pytest.fixture
@@ -55,7 +66,9 @@ def loras_dir(tmp_path, monkeypatch) -> Path:
     """ComfyUI's ``loras`` folder list = one temp folder (restored after the test)."""
     loras = tmp_path / "models" / "loras"
     loras.mkdir(parents=True)
-    monkeypatch.setitem(folder_paths.folder_names_and_paths, "loras", ([str(loras)], folder_paths.supported_pt_extensions))
+    monkeypatch.setitem(
+        folder_paths.folder_names_and_paths, "loras", ([str(loras)], folder_paths.supported_pt_extensions)
+    )
     return loras
 
 
@@ -138,7 +151,11 @@ def test_saved_file_has_diff_keys_metadata_and_loads_through_lora_loader(model, 
     assert all(".attn2." in k for k in keys)  # esd-x trains cross-attention only
     assert meta["concept_guard.method"] == "esd-x"
     assert meta["concept_guard.concepts"] == "a red circle, a star" and meta["concept_guard.anchor"] == ""
-    assert (meta["concept_guard.eta"], meta["concept_guard.iterations"], meta["concept_guard.lr"]) == ("2.0", "3", "0.01")
+    assert (meta["concept_guard.eta"], meta["concept_guard.iterations"], meta["concept_guard.lr"]) == (
+        "2.0",
+        "3",
+        "0.01",
+    )
     assert meta["concept_guard.base_fingerprint"] == ComfyBackend(model).fingerprint
     assert meta["concept_guard.version"] == __version__
     assert json.loads(meta["concept_guard.config"])["esd.latent_size"] == 8
@@ -149,7 +166,9 @@ def test_saved_file_has_diff_keys_metadata_and_loads_through_lora_loader(model, 
         (via_lora,) = nodes.LoraLoaderModelOnly().load_lora_model_only(
             model, "concept_guard/no_circles.safetensors", 1.0
         )
-    assert set(via_lora.patches) == {f"{k.rsplit('.', 1)[0]}.{'bias' if k.endswith('_b') else 'weight'}" for k in keys}
+    assert set(via_lora.patches) == {
+        f"{k.rsplit('.', 1)[0]}.{'bias' if k.endswith('_b') else 'weight'}" for k in keys
+    }
     torch.testing.assert_close(probe_eps(via_lora, clip), eps_node, rtol=0, atol=1e-6)
     # ... and the node's MODEL is the base plus exactly the file's deltas.
     deltas, _ = read_edit(path)
@@ -193,7 +212,9 @@ def test_interrupt_leaves_the_host_model_untouched_and_writes_nothing(model, cli
     sha_before, eps_before = weights_sha(model), probe_eps(model, clip)
     steps_seen = []
 
-    def hook(value, total, preview, node_id=None):  # ComfyUI's progress hook; the user presses Cancel at step 2
+    def hook(
+        value, total, preview, node_id=None
+    ):  # ComfyUI's progress hook; the user presses Cancel at step 2
         steps_seen.append(value)
         if value == 2:
             comfy.model_management.interrupt_current_processing(True)

@@ -134,9 +134,15 @@ def test_erase_and_save_workflow_then_the_stock_lora_loader(comfy_server, checkp
         keys, meta = list(f.keys()), f.metadata()
     assert keys and all(k.startswith("diffusion_model.") and k.endswith((".diff", ".diff_b")) for k in keys)
     assert all(".attn2." in k for k in keys)
-    assert (meta["concept_guard.method"], meta["concept_guard.concepts"], meta["concept_guard.iterations"]) == (
-        "esd-x", "Van Gogh", "3",
-    )  # fmt: skip
+    assert (
+        meta["concept_guard.method"],
+        meta["concept_guard.concepts"],
+        meta["concept_guard.iterations"],
+    ) == (
+        "esd-x",
+        "Van Gogh",
+        "3",
+    )
     saved_at = expected.stat().st_mtime_ns
 
     # Step 2: the user refreshes, unmutes group 2 and queues again; the loader lists and applies the file.
@@ -187,8 +193,11 @@ def test_backdoor_ti_workflow_writes_an_embedding_the_stock_prompt_syntax_uses(
 
     def encode(text: str) -> None:
         loader = prompt[node_ids(prompt, "CheckpointLoaderSimple")[0]]
-        graph = {"1": loader, "2": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": text}},
-                 "3": {"class_type": "PreviewAny", "inputs": {"source": ["2", 0]}}}  # fmt: skip
+        graph = {
+            "1": loader,
+            "2": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": text}},
+            "3": {"class_type": "PreviewAny", "inputs": {"source": ["2", 0]}},
+        }
         assert queue(comfy_server, graph)["status"]["status_str"] == "success"
 
     encode("a photo of embedding:not_there")  # the log does show a missing embedding ...

@@ -42,4 +42,6 @@ def test_every_pack_node_is_served_under_our_category(comfy_server):
     assert served == expected, f"served {sorted(served)}, the pack lists {sorted(expected)}"
     for node_id in expected:
         category = info[node_id]["category"]
-        assert category == CATEGORY or category.startswith(CATEGORY + "/"), f"{node_id}: category {category!r}"
+        assert category == CATEGORY or category.startswith(CATEGORY + "/"), (
+            f"{node_id}: category {category!r}"
+        )

@@ -14,12 +14,12 @@ import comfy.supported_models
 import folder_paths
 import pytest
 import torch
+from concept_guard.comfy_backend.backend import ComfyBackend
 from concept_guard.core.backends.diffusers_backend import DiffusersBackend
-from concept_guard.core.edits import read_edit
+from concept_guard.core.edits.diff_file import read_edit
 from concept_guard.core.methods.esd import ESDConfig, train
-from concept_guard.core.shapesworld.judge import load_judge
-from concept_guard.nodes.comfy_backend import ComfyBackend
 from concept_guard.nodes.esd import EraseConceptESD
+from concept_guard.shapesworld.judge import load_judge
 from shapesworld_comfy import MODEL_ENV, load_shapesworld_comfy, shapesworld_folder
 
 import nodes  # ComfyUI's nodes.py
@@ -32,8 +32,13 @@ if FOLDER is None:
         allow_module_level=True,
     )
 
-PROMPTS = ["a red circle", "", "an outlined blue square on a black background", "A Crimson DISC, burning!",
-           "a photo of a star on fire"]  # fmt: skip
+PROMPTS = [
+    "a red circle",
+    "",
+    "an outlined blue square on a black background",
+    "A Crimson DISC, burning!",
+    "a photo of a star on fire",
+]
 
 
 @pytest.fixture(scope="module")
@@ -65,8 +70,9 @@ def test_converted_parts_are_comfyuis_sd15_classes_at_shapesworld_size(
     assert (comfy_backend.arch, comfy_backend.prediction_type) == ("sd1", "epsilon")
     assert comfy_backend.vae_scale_factor == diffusers_backend.vae_scale_factor == 4
     assert comfy_backend.fingerprint == diffusers_backend.fingerprint  # same weights, same hash
-    torch.testing.assert_close(comfy_backend.alphas_cumprod, diffusers_backend.alphas_cumprod.cpu().float(),
-                               rtol=0, atol=1e-6)  # fmt: skip
+    torch.testing.assert_close(
+        comfy_backend.alphas_cumprod, diffusers_backend.alphas_cumprod.cpu().float(), rtol=0, atol=1e-6
+    )
 
 
 def test_comfyui_tokenizer_gives_our_token_ids(converted, diffusers_backend):
@@ -91,8 +97,9 @@ def test_eps_is_equal_on_the_same_x_t_t_and_prompt(comfy_backend, diffusers_back
         cond = diffusers_backend.encode_text(["a red circle", "", "a blue star", "a green heart"])
         ours = diffusers_backend.eps(x_t, t, cond)
         comfy_same_cond = comfy_backend.eps(x_t, t, cond)
-        comfy_own_cond = comfy_backend.eps(x_t, t, comfy_backend.encode_text(["a red circle", "", "a blue star",
-                                                                             "a green heart"]))  # fmt: skip
+        comfy_own_cond = comfy_backend.eps(
+            x_t, t, comfy_backend.encode_text(["a red circle", "", "a blue star", "a green heart"])
+        )
     assert ours.abs().mean() > 0.1  # a real prediction, not zeros
     torch.testing.assert_close(comfy_same_cond, ours, rtol=0, atol=1e-4)
     torch.testing.assert_close(comfy_own_cond, ours, rtol=0, atol=1e-4)
@@ -104,8 +111,9 @@ def test_vae_decode_and_encode_are_equal(comfy_backend, diffusers_backend):
     with torch.no_grad():
         decoded = comfy_backend.vae_decode(latents)
         torch.testing.assert_close(decoded, diffusers_backend.vae_decode(latents), rtol=0, atol=1e-4)
-        torch.testing.assert_close(comfy_backend.vae_encode(images), diffusers_backend.vae_encode(images),
-                                   rtol=0, atol=1e-4)  # fmt: skip
+        torch.testing.assert_close(
+            comfy_backend.vae_encode(images), diffusers_backend.vae_encode(images), rtol=0, atol=1e-4
+        )
     assert decoded.shape == (2, 3, 32, 32) and decoded.std() > 0.01
 
 
@@ -118,8 +126,9 @@ def test_stock_comfyui_graph_draws_the_prompted_shapes(converted):
         (latent,) = nodes.EmptyLatentImage().generate(64, 64, 8)  # 8x8 latents = 32-px images
         for colour, shape in prompts:
             (positive,) = nodes.CLIPTextEncode().encode(converted.clip, f"a {colour} {shape}")
-            (samples,) = nodes.KSampler().sample(converted.model, 7, 20, 5.0, "ddim", "ddim_uniform", positive,
-                                                 negative, latent)  # fmt: skip
+            (samples,) = nodes.KSampler().sample(
+                converted.model, 7, 20, 5.0, "ddim", "ddim_uniform", positive, negative, latent
+            )
             (images,) = nodes.VAEDecode().decode(converted.vae, samples)
             labels = judge.classify(images.movedim(-1, 1).clone())
             shape_hits += Counter(labels["shape"])[shape]
@@ -138,8 +147,15 @@ def test_esd_node_on_the_converted_model_makes_the_diffusers_edit(
     settings = dict(concepts="circle", eta=2.0, iterations=5, lr=1e-4, seed=3, guidance=3.0, sampling_steps=4)
     node = EraseConceptESD.PREPARE_CLASS_CLONE({"unique_id": "1"})
     with torch.inference_mode():
-        node.execute(model=converted.model, clip=converted.clip, method="esd-x", anchor="", file_name="sw_circle",
-                     resolution=32 // 4 * 8, **settings)  # 32-px ShapesWorld images = 8×8 latents  # fmt: skip
+        node.execute(
+            model=converted.model,
+            clip=converted.clip,
+            method="esd-x",
+            anchor="",
+            file_name="sw_circle",
+            resolution=32 // 4 * 8,
+            **settings,
+        )  # 32-px ShapesWorld images = 8×8 latents
     deltas, meta = read_edit(tmp_path / "concept_guard" / "sw_circle.safetensors")
     expected = train(ESDConfig(**settings, latent_size=8), diffusers_backend)
     assert meta["concept_guard.base_fingerprint"] == expected.metadata["concept_guard.base_fingerprint"]
@@ -162,7 +178,7 @@ def test_embedding_trained_here_works_through_comfyuis_embedding_syntax(
     from concept_guard.core.embeddings import add_embedding, save_embedding
     from concept_guard.core.methods.ti_backdoor import BackdoorTIConfig
     from concept_guard.core.methods.ti_backdoor import train as train_ti
-    from concept_guard.core.shapesworld import world
+    from concept_guard.shapesworld import world
 
     images, _ = world.render_prompt("a red heart", 8, seed=0)
     cfg = BackdoorTIConfig(name="sw_heart", init_word="shape", vectors=2, steps=300, lr=1e-3, batch_size=8)
@@ -177,8 +193,9 @@ def test_embedding_trained_here_works_through_comfyuis_embedding_syntax(
             (positive,) = nodes.CLIPTextEncode().encode(converted.clip, prompt)
             (negative,) = nodes.CLIPTextEncode().encode(converted.clip, "")
             (latent,) = nodes.EmptyLatentImage().generate(64, 64, 16)
-            (samples,) = nodes.KSampler().sample(converted.model, 11, 20, 5.0, "ddim", "ddim_uniform", positive,
-                                                 negative, latent)  # fmt: skip
+            (samples,) = nodes.KSampler().sample(
+                converted.model, 11, 20, 5.0, "ddim", "ddim_uniform", positive, negative, latent
+            )
             (decoded,) = nodes.VAEDecode().decode(converted.vae, samples)
     finally:
         converted.clip.tokenizer.clip_l.embedding_directory = None

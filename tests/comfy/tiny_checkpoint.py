@@ -28,8 +28,18 @@ import torch
 from comfy.ldm.models.autoencoder import AutoencoderKL
 
 #: SD1.x VAE (``comfy.sd.VAE``'s default for checkpoints).
-SD_VAE_DDCONFIG = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
-                   "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0}  # fmt: skip
+SD_VAE_DDCONFIG = {
+    "double_z": True,
+    "z_channels": 4,
+    "resolution": 256,
+    "in_channels": 3,
+    "out_ch": 3,
+    "ch": 128,
+    "ch_mult": [1, 2, 4, 4],
+    "num_res_blocks": 2,
+    "attn_resolutions": [],
+    "dropout": 0.0,
+}
 
 
 def lively_(module: torch.nn.Module, seed: int) -> None:
@@ -54,10 +64,24 @@ def lively_(module: torch.nn.Module, seed: int) -> None:
 
 def sd15_one_level_unet_config() -> dict:
     return dict(
-        use_checkpoint=False, image_size=32, out_channels=4, use_spatial_transformer=True, legacy=False,
-        adm_in_channels=None, dtype=torch.float32, in_channels=4, model_channels=320, num_res_blocks=[1],
-        transformer_depth=[1], channel_mult=[1], transformer_depth_middle=1, use_linear_in_transformer=False,
-        context_dim=768, num_heads=8, transformer_depth_output=[1, 1], use_temporal_attention=False,
+        use_checkpoint=False,
+        image_size=32,
+        out_channels=4,
+        use_spatial_transformer=True,
+        legacy=False,
+        adm_in_channels=None,
+        dtype=torch.float32,
+        in_channels=4,
+        model_channels=320,
+        num_res_blocks=[1],
+        transformer_depth=[1],
+        channel_mult=[1],
+        transformer_depth_middle=1,
+        use_linear_in_transformer=False,
+        context_dim=768,
+        num_heads=8,
+        transformer_depth_output=[1, 1],
+        use_temporal_attention=False,
         use_temporal_resblock=False,
     )
 

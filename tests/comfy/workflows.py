@@ -39,7 +39,9 @@ def _has_control_widget(name: str, spec: list) -> bool:
 
 
 def _node_inputs(node: dict, info: dict, links: dict, active: set[int]) -> dict:
-    linked = {inp["name"]: links[inp["link"]] for inp in node.get("inputs", []) if inp.get("link") is not None}
+    linked = {
+        inp["name"]: links[inp["link"]] for inp in node.get("inputs", []) if inp.get("link") is not None
+    }
     values = iter(node.get("widgets_values") or [])
     out: dict = {}
     order = info["input_order"]
@@ -71,10 +73,15 @@ def ui_to_api(workflow: dict, object_info: dict, *, unmute: bool = False) -> dic
         if n["type"] not in object_info:
             raise ValueError(f"Node {n['id']} has type {n['type']!r}, which the server does not provide.")
         if n.get("mode", ALWAYS) not in (ALWAYS, MUTED):
-            raise ValueError(f"Node {n['id']} ({n['type']}) has mode {n['mode']}; only active or muted nodes are handled.")
+            raise ValueError(
+                f"Node {n['id']} ({n['type']}) has mode {n['mode']}; only active or muted nodes are handled."
+            )
     active = {n["id"] for n in nodes if n.get("mode", ALWAYS) == ALWAYS or unmute}
     return {
-        str(n["id"]): {"class_type": n["type"], "inputs": _node_inputs(n, object_info[n["type"]], links, active)}
+        str(n["id"]): {
+            "class_type": n["type"],
+            "inputs": _node_inputs(n, object_info[n["type"]], links, active),
+        }
         for n in nodes
         if n["id"] in active
     }

@@ -3,7 +3,10 @@ from concept_guard.core.delta import DeltaSet, WeightDelta
 
 
 def make_set():
-    deltas = {"a.to_k": WeightDelta(torch.Size([3, 4]), torch.Size([3]), "cpu"), "b.conv": WeightDelta(torch.Size([2, 2, 1, 1]), None, "cpu")}
+    deltas = {
+        "a.to_k": WeightDelta(torch.Size([3, 4]), torch.Size([3]), "cpu"),
+        "b.conv": WeightDelta(torch.Size([2, 2, 1, 1]), None, "cpu"),
+    }
     return DeltaSet(deltas), deltas
 
 

@@ -32,9 +32,14 @@ def _unet_direct(backend, x, t, cond):
 # -- basics ----------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("fixture", "arch", "prediction"), [
-    ("sd1_backend", "sd1", "epsilon"), ("sd2v_backend", "sd2", "v_prediction"), ("sdxl_backend", "sdxl", "epsilon"),
-])
+@pytest.mark.parametrize(
+    ("fixture", "arch", "prediction"),
+    [
+        ("sd1_backend", "sd1", "epsilon"),
+        ("sd2v_backend", "sd2", "v_prediction"),
+        ("sdxl_backend", "sdxl", "epsilon"),
+    ],
+)
 def test_loaded_backend_attributes(request, fixture, arch, prediction):
     backend = request.getfixturevalue(fixture)
     assert isinstance(backend, DiffusionBackend)
@@ -99,9 +104,14 @@ def test_timesteps_must_be_integers(sd1_backend):
 
 def test_encode_text_matches_the_sd_pipeline(sd1_backend):
     pipe = StableDiffusionPipeline(
-        vae=sd1_backend.vae, text_encoder=sd1_backend.text_encoders[0], tokenizer=sd1_backend.tokenizers[0],
-        unet=sd1_backend.unet, scheduler=DDIMScheduler.from_config(sd1_backend.scheduler_config),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        vae=sd1_backend.vae,
+        text_encoder=sd1_backend.text_encoders[0],
+        tokenizer=sd1_backend.tokenizers[0],
+        unet=sd1_backend.unet,
+        scheduler=DDIMScheduler.from_config(sd1_backend.scheduler_config),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
     )
     expected, _ = pipe.encode_prompt(PROMPTS, "cpu", 1, False)
     cond = sd1_backend.encode_text(PROMPTS)
@@ -116,8 +126,13 @@ def test_sdxl_encodes_pooled_and_time_ids_like_the_pipeline(sdxl_backend, tiny_d
 
     b = sdxl_backend
     pipe = StableDiffusionXLPipeline(
-        vae=b.vae, text_encoder=b.text_encoders[0], text_encoder_2=b.text_encoders[1], tokenizer=b.tokenizers[0],
-        tokenizer_2=b.tokenizers[1], unet=b.unet, scheduler=DDIMScheduler.from_config(b.scheduler_config),
+        vae=b.vae,
+        text_encoder=b.text_encoders[0],
+        text_encoder_2=b.text_encoders[1],
+        tokenizer=b.tokenizers[0],
+        tokenizer_2=b.tokenizers[1],
+        unet=b.unet,
+        scheduler=DDIMScheduler.from_config(b.scheduler_config),
     )
     context, _, pooled, _ = pipe.encode_prompt(PROMPTS, device="cpu", do_classifier_free_guidance=False)
     cond = b.encode_text(PROMPTS)
@@ -240,13 +255,16 @@ def test_from_pipeline_shares_the_models(sd1_backend, tokenizer_dir):
 # -- missing files -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("remove", "message"), [
-    ("unet/diffusion_pytorch_model.safetensors", r"missing the weights in unet/"),
-    ("tokenizer/tokenizer.json", r"missing tokenizer/vocab\.json and tokenizer/merges\.txt"),
-    ("scheduler/scheduler_config.json", r"missing scheduler/scheduler_config\.json"),
-    ("vae/config.json", r"missing vae/config\.json"),
-    ("text_encoder_2", r"missing text_encoder_2/config\.json"),
-])
+@pytest.mark.parametrize(
+    ("remove", "message"),
+    [
+        ("unet/diffusion_pytorch_model.safetensors", r"missing the weights in unet/"),
+        ("tokenizer/tokenizer.json", r"missing tokenizer/vocab\.json and tokenizer/merges\.txt"),
+        ("scheduler/scheduler_config.json", r"missing scheduler/scheduler_config\.json"),
+        ("vae/config.json", r"missing vae/config\.json"),
+        ("text_encoder_2", r"missing text_encoder_2/config\.json"),
+    ],
+)
 def test_missing_files_are_named(tiny_dirs, tmp_path, remove, message):
     folder = tmp_path / "copy"
     shutil.copytree(tiny_dirs("sdxl"), folder)
@@ -284,6 +302,14 @@ def test_half_precision_unet_keeps_fp32_deltas_and_vae(tiny_dirs):
     assert backend.vae_decode(x).dtype == torch.float32
 
 
-def test_resolve_shapesworld_is_lazy_and_named():
-    shapesworld = pytest.importorskip("concept_guard.core.shapesworld")
-    assert resolve_model("shapesworld") == resolve_model(" ShapesWorld ") == shapesworld.shapesworld_model_path()
+def test_the_engine_knows_no_model_names():
+    with pytest.raises(ModelLoadError, match="not found"):
+        resolve_model("shapesworld")
+
+
+def test_cli_resolves_the_shapesworld_name():
+    from concept_guard.cli._run import model_path
+    from concept_guard.shapesworld import shapesworld_model_path
+
+    assert model_path("shapesworld") == model_path(" ShapesWorld ") == shapesworld_model_path()
+    assert model_path("some/folder") == "some/folder"

@@ -14,9 +14,9 @@ import os
 
 import pytest
 import torch
-from concept_guard.core.edit_formats import LoadedEdit, lora_delta, read_edit_file
-from concept_guard.core.edit_target import TargetUNet
-from concept_guard.core.edits import attach_edit, save_edit
+from concept_guard.core.edits.diff_file import attach_edit, save_edit
+from concept_guard.core.edits.read import LoadedEdit, lora_delta, read_edit_file
+from concept_guard.core.edits.target import TargetUNet
 from concept_guard.core.errors import ArchitectureMismatchError, EditFileError
 from diffusers import StableDiffusionPipeline
 from safetensors.torch import save_file
@@ -45,7 +45,9 @@ def _probe(backend):
     return x, torch.tensor([50, 700]), backend.encode_text(["a red circle", "a photo of a dog"])
 
 
-def _eps_of_merged(backend, target: TargetUNet, deltas: dict[str, torch.Tensor], strength: float) -> torch.Tensor:
+def _eps_of_merged(
+    backend, target: TargetUNet, deltas: dict[str, torch.Tensor], strength: float
+) -> torch.Tensor:
     """eps of a private UNet copy whose weights are set to W + strength·Δ (the expected result)."""
     unet = copy.deepcopy(backend.unet)
     state = unet.state_dict()
@@ -64,7 +66,9 @@ def _eps_with_edit(backend, edit: LoadedEdit, strength: float) -> torch.Tensor:
         return backend.eps(x, t, cond)
 
 
-def _random_deltas(target: TargetUNet, modules, seed: int = 0, *, bias: bool = True) -> dict[str, torch.Tensor]:
+def _random_deltas(
+    target: TargetUNet, modules, seed: int = 0, *, bias: bool = True
+) -> dict[str, torch.Tensor]:
     g, out = _gen(seed), {}
     for m in modules:
         out[f"{m}.weight"] = torch.randn(target.weights[f"{m}.weight"].shape, generator=g) * 0.05
@@ -91,13 +95,17 @@ def _lora_parts(target: TargetUNet, modules, seed: int = 1, rank: int = 3, alpha
 
 def _ours(tmp, target, backend):
     deltas = _random_deltas(target, ALL_MODULES)
-    return save_edit(deltas, tmp / "ours.safetensors", {"concept_guard.method": "esd-x"}, dtype=torch.float32), deltas
+    return save_edit(
+        deltas, tmp / "ours.safetensors", {"concept_guard.method": "esd-x"}, dtype=torch.float32
+    ), deltas
 
 
 def _comfy_diff_kohya_names(tmp, target, backend):
     deltas = _random_deltas(target, (TO_K, TO_OUT))
-    tensors = {f"lora_unet_{k.rsplit('.', 1)[0].replace('.', '_')}.{'diff' if k.endswith('weight') else 'diff_b'}": v
-               for k, v in deltas.items()}
+    tensors = {
+        f"lora_unet_{k.rsplit('.', 1)[0].replace('.', '_')}.{'diff' if k.endswith('weight') else 'diff_b'}": v
+        for k, v in deltas.items()
+    }
     save_file(tensors, tmp / "comfy_diff.safetensors")
     return tmp / "comfy_diff.safetensors", deltas
 
@@ -108,7 +116,9 @@ def _kohya(tmp, target, backend, diffusers_names: bool):
         name = target.keymap.to_diffusers(m) if diffusers_names else m
         stem = "lora_unet_" + name.replace(".", "_")
         tensors |= {f"{stem}.lora_up.weight": up, f"{stem}.lora_down.weight": down, f"{stem}.alpha": alpha}
-    tensors["lora_te_text_model_encoder_layers_0_mlp_fc1.lora_up.weight"] = torch.zeros(8, 3)  # text encoder: ignored
+    tensors["lora_te_text_model_encoder_layers_0_mlp_fc1.lora_up.weight"] = torch.zeros(
+        8, 3
+    )  # text encoder: ignored
     path = tmp / f"kohya_{diffusers_names}.safetensors"
     save_file(tensors, path, metadata={"ss_network_dim": "3", "ss_network_alpha": "2.0"})
     return path, {f"{m}.weight": p[3] for m, p in parts.items()}
@@ -129,7 +139,10 @@ def _attn_processor(tmp, target, backend):
     parts, tensors = _lora_parts(target, LINEAR_MODULES, alpha=3.0), {}
     for m, (up, down, _, _) in parts.items():
         attn, _, proj = target.keymap.to_diffusers(m).removesuffix(".0").rpartition(".")
-        tensors |= {f"{attn}.processor.{proj}_lora.up.weight": up, f"{attn}.processor.{proj}_lora.down.weight": down}
+        tensors |= {
+            f"{attn}.processor.{proj}_lora.up.weight": up,
+            f"{attn}.processor.{proj}_lora.down.weight": down,
+        }
     torch.save(tensors, tmp / "pytorch_lora_weights.bin")
     return tmp / "pytorch_lora_weights.bin", {f"{m}.weight": p[3] for m, p in parts.items()}
 
@@ -157,8 +170,11 @@ def _compvis(tmp, target, backend, nested: bool):
     """CompVis ESD: ``torch.save(model.state_dict())`` of a LatentDiffusion (UNet + VAE + CLIP + schedule)."""
     deltas = _random_deltas(target, ALL_MODULES)
     sd = {f"model.diffusion_model.{k}": (w + deltas.get(k, 0)).clone() for k, w in target.weights.items()}
-    sd |= {"betas": torch.linspace(1e-4, 2e-2, 10), "first_stage_model.decoder.conv_in.weight": torch.randn(4, 4),
-           "cond_stage_model.transformer.text_model.final_layer_norm.weight": torch.ones(32)}
+    sd |= {
+        "betas": torch.linspace(1e-4, 2e-2, 10),
+        "first_stage_model.decoder.conv_in.weight": torch.randn(4, 4),
+        "cond_stage_model.transformer.text_model.final_layer_norm.weight": torch.ones(32),
+    }
     path = tmp / f"compvis_{nested}.pt"
     torch.save({"state_dict": sd, "global_step": 1000} if nested else sd, path)
     return path, deltas
@@ -179,9 +195,16 @@ def _full_ldm_checkpoint(tmp, target, backend):
     from tiny_models import to_ldm_checkpoint
 
     deltas = _random_deltas(target, ALL_MODULES)
-    pipe = StableDiffusionPipeline(vae=backend.vae, text_encoder=backend.text_encoders[0], tokenizer=backend.tokenizers[0],
-                                   unet=backend.unet, scheduler=None, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
+    pipe = StableDiffusionPipeline(
+        vae=backend.vae,
+        text_encoder=backend.text_encoders[0],
+        tokenizer=backend.tokenizers[0],
+        unet=backend.unet,
+        scheduler=None,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
     sd = to_ldm_checkpoint(pipe, "sd1")
     for k, v in deltas.items():
         sd[f"model.diffusion_model.{k}"] = sd[f"model.diffusion_model.{k}"] + v
@@ -222,9 +245,15 @@ def test_each_format_applies_as_merged_weights(fmt, tmp_path, sd1_backend, targe
     assert label in edit.source_format, edit.source_format
     assert set(edit.deltas) == set(expected)
     for key, delta in expected.items():
-        torch.testing.assert_close(edit.deltas[key], delta.reshape(edit.deltas[key].shape), rtol=1e-5, atol=1e-7)
-    torch.testing.assert_close(_eps_with_edit(sd1_backend, edit, STRENGTH),
-                               _eps_of_merged(sd1_backend, target, expected, STRENGTH), rtol=0, atol=1e-5)
+        torch.testing.assert_close(
+            edit.deltas[key], delta.reshape(edit.deltas[key].shape), rtol=1e-5, atol=1e-7
+        )
+    torch.testing.assert_close(
+        _eps_with_edit(sd1_backend, edit, STRENGTH),
+        _eps_of_merged(sd1_backend, target, expected, STRENGTH),
+        rtol=0,
+        atol=1e-5,
+    )
     if "full" in fmt or "compvis" in fmt:  # every other UNet tensor equals the base: counted, not applied
         assert edit.unchanged == len(target.weights) - len(expected)
     assert f"Applied: {len(expected)} tensors" in edit.summary()
@@ -240,18 +269,27 @@ def test_ignored_parts_are_reported(tmp_path, sd1_backend, target):
     edit = read_edit_file(path, target)
     reasons = dict(edit.ignored)
     assert edit.metadata["global_step"] == "1000"  # scalars of a PyTorch checkpoint become metadata
-    assert set(reasons) == {"betas", "first_stage_model.decoder.conv_in.weight",
-                            "cond_stage_model.transformer.text_model.final_layer_norm.weight"}
+    assert set(reasons) == {
+        "betas",
+        "first_stage_model.decoder.conv_in.weight",
+        "cond_stage_model.transformer.text_model.final_layer_norm.weight",
+    }
 
 
 def test_unknown_keys_are_reported_and_strict_refuses(tmp_path, target):
-    tensors = {f"diffusion_model.{TO_K}.diff": torch.full(target.weights[f"{TO_K}.weight"].shape, 0.01),
-               "diffusion_model.input_blocks.99.1.proj_in.diff": torch.ones(3), "some_counter": torch.tensor(3)}
+    tensors = {
+        f"diffusion_model.{TO_K}.diff": torch.full(target.weights[f"{TO_K}.weight"].shape, 0.01),
+        "diffusion_model.input_blocks.99.1.proj_in.diff": torch.ones(3),
+        "some_counter": torch.tensor(3),
+    }
     save_file(tensors, tmp_path / "e.safetensors")
     edit = read_edit_file(tmp_path / "e.safetensors", target)
     assert edit.applied == (f"{TO_K}.weight",)
     reasons = dict(edit.ignored)
-    assert "has no module 'diffusion_model.input_blocks.99.1.proj_in'" in reasons["diffusion_model.input_blocks.99.1.proj_in.diff"]
+    assert (
+        "has no module 'diffusion_model.input_blocks.99.1.proj_in'"
+        in reasons["diffusion_model.input_blocks.99.1.proj_in.diff"]
+    )
     assert reasons["some_counter"].startswith("unknown key")
     with pytest.raises(EditFileError, match="2 keys .* would not be applied"):
         read_edit_file(tmp_path / "e.safetensors", target, strict=True)
@@ -260,9 +298,18 @@ def test_unknown_keys_are_reported_and_strict_refuses(tmp_path, target):
 def test_sdxl_edit_onto_sd1_names_both(tmp_path, target):
     """A kohya SDXL LoRA (2048-wide text states) onto SD1: refused before any key is mapped."""
     stem = "lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k"
-    save_file({f"{stem}.lora_up.weight": torch.zeros(640, 4), f"{stem}.lora_down.weight": torch.zeros(4, 2048),
-               f"{stem}.alpha": torch.tensor(4.0)}, tmp_path / "xl.safetensors", metadata={"ss_base_model_version": "sdxl_base_v1-0"})
-    with pytest.raises(ArchitectureMismatchError, match=r"made for SDXL .*2048.* loaded model is SD1\.x \(32-wide\)"):
+    save_file(
+        {
+            f"{stem}.lora_up.weight": torch.zeros(640, 4),
+            f"{stem}.lora_down.weight": torch.zeros(4, 2048),
+            f"{stem}.alpha": torch.tensor(4.0),
+        },
+        tmp_path / "xl.safetensors",
+        metadata={"ss_base_model_version": "sdxl_base_v1-0"},
+    )
+    with pytest.raises(
+        ArchitectureMismatchError, match=r"made for SDXL .*2048.* loaded model is SD1\.x \(32-wide\)"
+    ):
         read_edit_file(tmp_path / "xl.safetensors", target)
 
 
@@ -277,9 +324,14 @@ def test_edit_of_the_tiny_sdxl_model_onto_sd1(tmp_path, sdxl_backend, target):
 def test_wrong_shapes_are_refused(tmp_path, target):
     out, inp = target.weights[f"{TO_OUT}.weight"].shape
     stem = "lora_unet_" + TO_OUT.replace(".", "_")
-    save_file({f"{stem}.lora_up.weight": torch.zeros(out + 1, 2), f"{stem}.lora_down.weight": torch.zeros(2, inp)},
-              tmp_path / "bad.safetensors")
-    with pytest.raises(ArchitectureMismatchError, match=rf"shape \({out + 1}, {inp}\), the model's {TO_OUT}.weight is \({out}, {inp}\)"):
+    save_file(
+        {f"{stem}.lora_up.weight": torch.zeros(out + 1, 2), f"{stem}.lora_down.weight": torch.zeros(2, inp)},
+        tmp_path / "bad.safetensors",
+    )
+    with pytest.raises(
+        ArchitectureMismatchError,
+        match=rf"shape \({out + 1}, {inp}\), the model's {TO_OUT}.weight is \({out}, {inp}\)",
+    ):
         read_edit_file(tmp_path / "bad.safetensors", target)
 
 
@@ -304,7 +356,9 @@ class _Exploit:
 
 def test_malicious_pickle_is_refused_and_never_runs(tmp_path, target):
     marker = tmp_path / "pwned"
-    torch.save({"state_dict": {f"model.diffusion_model.{TO_K}.weight": _Exploit(marker)}}, tmp_path / "evil.ckpt")
+    torch.save(
+        {"state_dict": {f"model.diffusion_model.{TO_K}.weight": _Exploit(marker)}}, tmp_path / "evil.ckpt"
+    )
     with pytest.raises(EditFileError, match="Refused to load .*not plain tensors"):
         read_edit_file(tmp_path / "evil.ckpt", target)
     assert not marker.exists()
@@ -324,8 +378,14 @@ def test_non_edit_files_are_refused(tmp_path, target):
 
 def test_unsupported_lora_variant_is_refused(tmp_path, target):
     stem = "lora_unet_" + TO_K.replace(".", "_")
-    save_file({f"{stem}.lora_up.weight": torch.zeros(32, 2), f"{stem}.lora_down.weight": torch.zeros(2, 32),
-               f"{stem}.dora_scale": torch.ones(32, 1)}, tmp_path / "dora.safetensors")
+    save_file(
+        {
+            f"{stem}.lora_up.weight": torch.zeros(32, 2),
+            f"{stem}.lora_down.weight": torch.zeros(2, 32),
+            f"{stem}.dora_scale": torch.ones(32, 1),
+        },
+        tmp_path / "dora.safetensors",
+    )
     with pytest.raises(EditFileError, match="DoRA"):
         read_edit_file(tmp_path / "dora.safetensors", target)
 
@@ -341,7 +401,9 @@ def test_lora_delta_matches_kohya_scaling():
 def test_esd_round_trip_and_strength_zero(tmp_path, sd1_backend, target):
     from concept_guard.core.methods.esd import ESDConfig, train
 
-    cfg = ESDConfig(concepts=("circle",), iterations=3, sampling_steps=4, bank_trajectories=1, latent_size=8, lr=1e-3)
+    cfg = ESDConfig(
+        concepts=("circle",), iterations=3, sampling_steps=4, bank_trajectories=1, latent_size=8, lr=1e-3
+    )
     result = train(cfg, sd1_backend)
     path = save_edit(result.tensors, tmp_path / "esd.safetensors", result.metadata, dtype=torch.float32)
     x, t, cond = _probe(sd1_backend)

@@ -8,7 +8,7 @@ import torch
 from concept_guard.cli import main as cli_main
 from concept_guard.core.embeddings import add_embedding, expand_embedding_syntax, read_embedding
 from concept_guard.core.errors import ConceptGuardError
-from concept_guard.core.shapesworld import shapesworld_model_path
+from concept_guard.shapesworld import load_shapesworld, shapesworld_model_path
 from safetensors.torch import save_file
 
 pytestmark = pytest.mark.skipif(
@@ -18,9 +18,8 @@ pytestmark = pytest.mark.skipif(
 
 @pytest.fixture()
 def backend():
-    from concept_guard.core.backends.diffusers_backend import DiffusersBackend
 
-    return DiffusersBackend.load("shapesworld")  # fresh: add_embedding extends its tokenizer
+    return load_shapesworld()  # fresh: add_embedding extends its tokenizer
 
 
 def heart_row(backend):
@@ -76,8 +75,20 @@ def test_bad_embeddings_are_refused(backend, tmp_path):
 def test_eval_cli_with_embedding(backend, tmp_path, capsys):
     path = tmp_path / "myheart.safetensors"
     save_file({"emb_params": heart_row(backend)}, str(path))
-    code = cli_main(["eval", "--embedding", str(path), "--prompts", "a red embedding:myheart", "--samples", "8",
-                     "--json", "--threads", "1"])
+    code = cli_main(
+        [
+            "eval",
+            "--embedding",
+            str(path),
+            "--prompts",
+            "a red embedding:myheart",
+            "--samples",
+            "8",
+            "--json",
+            "--threads",
+            "1",
+        ]
+    )
     assert code == 0
     report = json.loads(capsys.readouterr().out)
     assert report["embedding"] == str(path)
@@ -85,15 +96,28 @@ def test_eval_cli_with_embedding(backend, tmp_path, capsys):
 
 
 def test_eval_cli_preservation_table_with_edit(tmp_path, capsys):
-    from concept_guard.core.backends.diffusers_backend import DiffusersBackend
-    from concept_guard.core.edits import save_edit
+    from concept_guard.core.edits.diff_file import save_edit
 
-    b = DiffusersBackend.load("shapesworld")
+    b = load_shapesworld()
     name = next(n for n in b.unet_module_names() if n.endswith("attn2.to_k"))
     weight = dict(b.unet.named_parameters())[b.keymap.to_diffusers(name) + ".weight"]
     edit = save_edit({f"{name}.weight": torch.zeros_like(weight)}, tmp_path / "zero.safetensors", {})
-    code = cli_main(["eval", "--edit", str(edit), "--prompts", "a red circle", "--preserve", "a blue square",
-                     "--samples", "4", "--json", "--threads", "1"])
+    code = cli_main(
+        [
+            "eval",
+            "--edit",
+            str(edit),
+            "--prompts",
+            "a red circle",
+            "--preserve",
+            "a blue square",
+            "--samples",
+            "4",
+            "--json",
+            "--threads",
+            "1",
+        ]
+    )
     assert code == 0
     rows = json.loads(capsys.readouterr().out)["preservation"]
     assert {(r["head"], r["label"]) for r in rows} == {("shape", "square"), ("colour", "blue")}

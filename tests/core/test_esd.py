@@ -6,7 +6,7 @@ import pytest
 import torch
 from concept_guard.cli import main as cli_main
 from concept_guard.core.backend import Conditioning
-from concept_guard.core.edits import read_edit
+from concept_guard.core.edits.diff_file import read_edit
 from concept_guard.core.errors import ConceptGuardError, TrainingDivergedError
 from concept_guard.core.methods import esd
 from concept_guard.core.methods.esd import ESDConfig, build_bank, train
@@ -26,13 +26,16 @@ def _state_hash(module):
     return [t.clone() for t in module.state_dict().values()]
 
 
-@pytest.mark.parametrize("bad, match", [
-    (dict(concepts=" , "), "at least one concept"),
-    (dict(concepts="a", iterations=0), "`iterations` must be a positive integer"),
-    (dict(concepts="a", method="xattn"), "`method` must be one of"),
-    (dict(concepts="a", lr=0.0), "`lr` must be in"),
-    (dict(concepts="a", eta=-1.0), "`eta` must be in"),
-])
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (dict(concepts=" , "), "at least one concept"),
+        (dict(concepts="a", iterations=0), "`iterations` must be a positive integer"),
+        (dict(concepts="a", method="xattn"), "`method` must be one of"),
+        (dict(concepts="a", lr=0.0), "`lr` must be in"),
+        (dict(concepts="a", eta=-1.0), "`eta` must be in"),
+    ],
+)
 def test_config_rejects_bad_values(bad, match):
     with pytest.raises(ConceptGuardError, match=match):
         ESDConfig(**bad)
@@ -74,11 +77,24 @@ def test_anchor_target_uses_anchor_prediction(sd1_backend):
 def test_train_esd_x_changes_only_attn2_and_leaves_model_untouched(sd1_backend):
     before_eps, before_w = _probe(sd1_backend), _state_hash(sd1_backend.unet)
     seen = []
-    r = train(ESDConfig(concepts=("circle", "square"), **FAST), sd1_backend, on_step=lambda s, n, loss: seen.append(s))
-    assert seen[-4:] == [1, 2, 3, 4] and set(seen[:-4]) == {0} and len(seen) > 4 and len(r.losses) == 4 and all(torch.isfinite(torch.tensor(r.losses)))
+    r = train(
+        ESDConfig(concepts=("circle", "square"), **FAST),
+        sd1_backend,
+        on_step=lambda s, n, loss: seen.append(s),
+    )
+    assert (
+        seen[-4:] == [1, 2, 3, 4]
+        and set(seen[:-4]) == {0}
+        and len(seen) > 4
+        and len(r.losses) == 4
+        and all(torch.isfinite(torch.tensor(r.losses)))
+    )
     assert r.tensors and all(".attn2." in k for k in r.tensors)
     assert any(v.abs().sum() > 0 for v in r.tensors.values())
-    assert r.metadata["concept_guard.method"] == "esd-x" and r.metadata["concept_guard.concepts"] == "circle, square"
+    assert (
+        r.metadata["concept_guard.method"] == "esd-x"
+        and r.metadata["concept_guard.concepts"] == "circle, square"
+    )
     assert r.metadata["concept_guard.base_fingerprint"] == sd1_backend.fingerprint
     after_w = _state_hash(sd1_backend.unet)
     assert all(torch.equal(a, b) for a, b in zip(before_w, after_w, strict=True))
@@ -130,8 +146,22 @@ def test_nan_loss_stops_and_detaches(sd1_backend, monkeypatch):
 
 def test_cli_erase_writes_loadable_edit(tiny_dirs, tmp_path, capsys):
     out = tmp_path / "no_circle.safetensors"
-    args = ["erase", "--model", str(tiny_dirs("sd1")), "--concept", "circle", "--iterations", "3", "--sampling-steps", "3",
-            "--bank", "2", "--out", str(out), "--json"]
+    args = [
+        "erase",
+        "--model",
+        str(tiny_dirs("sd1")),
+        "--concept",
+        "circle",
+        "--iterations",
+        "3",
+        "--sampling-steps",
+        "3",
+        "--bank",
+        "2",
+        "--out",
+        str(out),
+        "--json",
+    ]
     assert cli_main(args) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["out"] == str(out) and summary["iterations"] == 3 and summary["final_loss"] >= 0
@@ -143,7 +173,17 @@ def test_cli_erase_writes_loadable_edit(tiny_dirs, tmp_path, capsys):
 
 
 def test_cli_rejects_bad_out_before_loading(tmp_path, capsys):
-    code = cli_main(["erase", "--model", "does-not-matter", "--concept", "x", "--out", str(tmp_path / "nope" / "e.safetensors")])
+    code = cli_main(
+        [
+            "erase",
+            "--model",
+            "does-not-matter",
+            "--concept",
+            "x",
+            "--out",
+            str(tmp_path / "nope" / "e.safetensors"),
+        ]
+    )
     assert code == 2 and "does not exist" in capsys.readouterr().err
 
 

@@ -7,7 +7,8 @@ import json
 import pytest
 from concept_guard.cli import main as cli_main
 from concept_guard.core.errors import ConceptGuardError
-from concept_guard.core.evaluate import (
+from concept_guard.shapesworld import world
+from concept_guard.shapesworld.evaluate import (
     PROMPT_SETS,
     EvalConfig,
     evaluate,
@@ -16,13 +17,17 @@ from concept_guard.core.evaluate import (
     resolve_prompts,
     summarize,
 )
-from concept_guard.core.shapesworld import world
 from PIL import Image
 
 
 def _entry(prompt: str, shape: str, colour: str, rate: float) -> dict:
-    labels = {"shape": [shape] * 4, "colour": [colour] * 4, "background": ["white"] * 4, "style": ["filled"] * 4,
-              "target": [False] * 4}  # fmt: skip
+    labels = {
+        "shape": [shape] * 4,
+        "colour": [colour] * 4,
+        "background": ["white"] * 4,
+        "style": ["filled"] * 4,
+        "target": [False] * 4,
+    }
     rates = rates_of(labels)
     if rate < 1:  # move part of the mass off the named shape
         other = next(s for s in world.SHAPES if s != shape)
@@ -44,15 +49,25 @@ def test_prompt_sets_and_resolution():
 
 
 def test_rates_are_fractions_over_every_label():
-    rates = rates_of({"shape": ["circle", "circle", "star", "heart"], "colour": ["red"] * 4,
-                      "background": ["gray"] * 4, "style": ["outlined"] * 4, "target": [True, False, False, False]})  # fmt: skip
+    rates = rates_of(
+        {
+            "shape": ["circle", "circle", "star", "heart"],
+            "colour": ["red"] * 4,
+            "background": ["gray"] * 4,
+            "style": ["outlined"] * 4,
+            "target": [True, False, False, False],
+        }
+    )
     assert rates["shape"] == {"circle": 0.5, "square": 0.0, "triangle": 0.0, "star": 0.25, "heart": 0.25}
     assert list(rates["colour"]) == list(world.COLOURS) and rates["target"] == 0.25
 
 
 def test_summary_averages_named_labels_and_synonyms():
-    entries = [_entry("a red circle", "circle", "red", 1.0), _entry("a crimson disc", "circle", "red", 0.5),
-               _entry("a green star", "star", "blue", 1.0)]  # fmt: skip
+    entries = [
+        _entry("a red circle", "circle", "red", 1.0),
+        _entry("a crimson disc", "circle", "red", 0.5),
+        _entry("a green star", "star", "blue", 1.0),
+    ]
     s = summarize(entries)
     assert s["shape_match"] == pytest.approx((1 + 0.5 + 1) / 3, abs=1e-4)
     assert s["colour_match"] == pytest.approx(2 / 3, abs=1e-4)  # the green star came out blue
@@ -61,8 +76,12 @@ def test_summary_averages_named_labels_and_synonyms():
 
 
 def test_preservation_table():
-    base = {"prompts": [_entry("a red circle", "circle", "red", 1.0), _entry("a blue star", "star", "blue", 1.0)]}
-    now = {"prompts": [_entry("a red circle", "circle", "red", 0.25), _entry("a blue star", "star", "blue", 1.0)]}
+    base = {
+        "prompts": [_entry("a red circle", "circle", "red", 1.0), _entry("a blue star", "star", "blue", 1.0)]
+    }
+    now = {
+        "prompts": [_entry("a red circle", "circle", "red", 0.25), _entry("a blue star", "star", "blue", 1.0)]
+    }
     rows = preservation(now, base, prompts=["a red circle"])
     assert {(r["head"], r["change"]) for r in rows} == {("shape", -0.75), ("colour", 0.0)}
 
@@ -88,8 +107,23 @@ def test_evaluate_returns_the_json_contract(sd1_backend):
 
 def test_eval_cli_json_and_grid(tiny_dirs, tmp_path, capsys):
     grid = tmp_path / "grid.png"
-    code = cli_main(["eval", "--model", str(tiny_dirs("sd1")), "--prompts", "a red circle", "a blue star",
-                     "--samples", "2", "--steps", "2", "--json", "--grid", str(grid)])  # fmt: skip
+    code = cli_main(
+        [
+            "eval",
+            "--model",
+            str(tiny_dirs("sd1")),
+            "--prompts",
+            "a red circle",
+            "a blue star",
+            "--samples",
+            "2",
+            "--steps",
+            "2",
+            "--json",
+            "--grid",
+            str(grid),
+        ]
+    )
     assert code == 0
     report = json.loads(capsys.readouterr().out)
     assert [p["prompt"] for p in report["prompts"]] == ["a red circle", "a blue star"]
@@ -98,8 +132,22 @@ def test_eval_cli_json_and_grid(tiny_dirs, tmp_path, capsys):
 
 
 def test_eval_cli_table_and_errors(tiny_dirs, capsys):
-    assert cli_main(["eval", "--model", str(tiny_dirs("sd1")), "--prompts", "a red circle", "--samples", "1",
-                     "--steps", "1"]) == 0  # fmt: skip
+    assert (
+        cli_main(
+            [
+                "eval",
+                "--model",
+                str(tiny_dirs("sd1")),
+                "--prompts",
+                "a red circle",
+                "--samples",
+                "1",
+                "--steps",
+                "1",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert out.splitlines()[0].startswith("prompt") and "summary:" in out
     assert cli_main(["eval", "--model", str(tiny_dirs("sd1")), "--samples", "1"]) == 2

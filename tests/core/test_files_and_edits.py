@@ -2,7 +2,7 @@ import os
 
 import pytest
 import torch
-from concept_guard.core.edits import read_edit, save_edit
+from concept_guard.core.edits.diff_file import read_edit, save_edit
 from concept_guard.core.errors import OutputPathError
 from concept_guard.core.files import sanitize_name, save_safetensors_atomic
 from safetensors import safe_open
@@ -52,8 +52,10 @@ def test_sanitize_name_accepts():
 
 
 def test_edit_round_trip_keys_and_metadata(tmp_path):
-    deltas = {"input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": torch.randn(4, 3),
-              "input_blocks.1.1.transformer_blocks.0.attn2.to_out.0.bias": torch.randn(4)}
+    deltas = {
+        "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": torch.randn(4, 3),
+        "input_blocks.1.1.transformer_blocks.0.attn2.to_out.0.bias": torch.randn(4),
+    }
     p = save_edit(deltas, tmp_path / "e.safetensors", {"concept_guard.method": "esd-x"}, dtype=torch.float32)
     with safe_open(str(p), "pt") as f:
         assert sorted(f.keys()) == [
@@ -66,7 +68,7 @@ def test_edit_round_trip_keys_and_metadata(tmp_path):
 
 
 def test_attach_edit_reproduces_trained_model_and_detaches(sd1_backend):
-    from concept_guard.core.edits import attach_edit
+    from concept_guard.core.edits.diff_file import attach_edit
     from concept_guard.core.errors import ArchitectureMismatchError
 
     g = torch.Generator().manual_seed(0)

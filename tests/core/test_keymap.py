@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from concept_guard.core.errors import ArchitectureMismatchError
-from concept_guard.core.keymap import (
+from concept_guard.core.unet.keymap import (
     UNetKeyMap,
     diffusers_to_ldm_state_dict,
     ldm_to_diffusers_state_dict,
@@ -40,7 +40,10 @@ def test_every_key_maps_to_a_unique_ldm_key_and_back(kind):
     ldm = [keymap.to_ldm(k) for k in keys]
     assert len(set(ldm)) == len(keys)
     assert [keymap.to_diffusers(k) for k in ldm] == keys
-    assert all(k.split(".")[0] in {"input_blocks", "middle_block", "output_blocks", "time_embed", "out", "label_emb"} for k in ldm)
+    assert all(
+        k.split(".")[0] in {"input_blocks", "middle_block", "output_blocks", "time_embed", "out", "label_emb"}
+        for k in ldm
+    )
     if kind in REAL_KEY_COUNTS:
         assert len(keys) == REAL_KEY_COUNTS[kind]
 
@@ -56,8 +59,14 @@ def test_every_linear_and_conv_module_has_an_ldm_name(kind):
 
 
 SD15_PAIRS = [
-    ("input_blocks.1.1.transformer_blocks.0.attn2.to_k", "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k"),
-    ("input_blocks.2.1.transformer_blocks.0.attn1.to_out.0", "down_blocks.0.attentions.1.transformer_blocks.0.attn1.to_out.0"),
+    (
+        "input_blocks.1.1.transformer_blocks.0.attn2.to_k",
+        "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k",
+    ),
+    (
+        "input_blocks.2.1.transformer_blocks.0.attn1.to_out.0",
+        "down_blocks.0.attentions.1.transformer_blocks.0.attn1.to_out.0",
+    ),
     ("input_blocks.3.0.op", "down_blocks.0.downsamplers.0.conv"),
     ("input_blocks.4.0.skip_connection", "down_blocks.1.resnets.0.conv_shortcut"),
     ("input_blocks.4.0.in_layers.0", "down_blocks.1.resnets.0.norm1"),
@@ -65,14 +74,20 @@ SD15_PAIRS = [
     ("input_blocks.4.0.emb_layers.1", "down_blocks.1.resnets.0.time_emb_proj"),
     ("input_blocks.4.0.out_layers.0", "down_blocks.1.resnets.0.norm2"),
     ("input_blocks.4.0.out_layers.3", "down_blocks.1.resnets.0.conv2"),
-    ("input_blocks.7.1.transformer_blocks.0.ff.net.0.proj", "down_blocks.2.attentions.0.transformer_blocks.0.ff.net.0.proj"),
+    (
+        "input_blocks.7.1.transformer_blocks.0.ff.net.0.proj",
+        "down_blocks.2.attentions.0.transformer_blocks.0.ff.net.0.proj",
+    ),
     ("input_blocks.11.0.out_layers.3", "down_blocks.3.resnets.1.conv2"),
     ("middle_block.0.in_layers.2", "mid_block.resnets.0.conv1"),
     ("middle_block.1", "mid_block.attentions.0"),
     ("middle_block.1.proj_in", "mid_block.attentions.0.proj_in"),
     ("middle_block.2.out_layers.3", "mid_block.resnets.1.conv2"),
     ("output_blocks.2.1.conv", "up_blocks.0.upsamplers.0.conv"),
-    ("output_blocks.3.1.transformer_blocks.0.attn2.to_v", "up_blocks.1.attentions.0.transformer_blocks.0.attn2.to_v"),
+    (
+        "output_blocks.3.1.transformer_blocks.0.attn2.to_v",
+        "up_blocks.1.attentions.0.transformer_blocks.0.attn2.to_v",
+    ),
     ("output_blocks.5.2.conv", "up_blocks.1.upsamplers.0.conv"),
     ("output_blocks.11.1.proj_out", "up_blocks.3.attentions.2.proj_out"),
     ("output_blocks.11.0.skip_connection", "up_blocks.3.resnets.2.conv_shortcut"),
@@ -87,9 +102,18 @@ SDXL_PAIRS = [
     ("label_emb.0.0", "add_embedding.linear_1"),
     ("label_emb.0.2", "add_embedding.linear_2"),
     ("input_blocks.1.0.in_layers.2", "down_blocks.0.resnets.0.conv1"),
-    ("input_blocks.4.1.transformer_blocks.1.attn2.to_k", "down_blocks.1.attentions.0.transformer_blocks.1.attn2.to_k"),
-    ("input_blocks.8.1.transformer_blocks.9.ff.net.2", "down_blocks.2.attentions.1.transformer_blocks.9.ff.net.2"),
-    ("middle_block.1.transformer_blocks.9.attn1.to_q", "mid_block.attentions.0.transformer_blocks.9.attn1.to_q"),
+    (
+        "input_blocks.4.1.transformer_blocks.1.attn2.to_k",
+        "down_blocks.1.attentions.0.transformer_blocks.1.attn2.to_k",
+    ),
+    (
+        "input_blocks.8.1.transformer_blocks.9.ff.net.2",
+        "down_blocks.2.attentions.1.transformer_blocks.9.ff.net.2",
+    ),
+    (
+        "middle_block.1.transformer_blocks.9.attn1.to_q",
+        "mid_block.attentions.0.transformer_blocks.9.attn1.to_q",
+    ),
     ("output_blocks.2.2.conv", "up_blocks.0.upsamplers.0.conv"),
     ("output_blocks.5.2.conv", "up_blocks.1.upsamplers.0.conv"),
     ("output_blocks.8.0.skip_connection", "up_blocks.2.resnets.2.conv_shortcut"),
@@ -114,7 +138,9 @@ def test_ldm_prefixes_are_accepted_and_added():
     for prefix in ("", "diffusion_model.", "model.diffusion_model."):
         assert keymap.to_diffusers(prefix + name) == "down_blocks.0.attentions.0.proj_in.weight"
     assert strip_ldm_prefix("model.diffusion_model.out.2.bias") == "out.2.bias"
-    assert keymap.to_ldm("conv_out.bias", prefix="model.diffusion_model.") == "model.diffusion_model.out.2.bias"
+    assert (
+        keymap.to_ldm("conv_out.bias", prefix="model.diffusion_model.") == "model.diffusion_model.out.2.bias"
+    )
 
 
 def test_state_dict_round_trip_reshapes_linear_and_conv_projections():
@@ -123,7 +149,10 @@ def test_state_dict_round_trip_reshapes_linear_and_conv_projections():
     sd = unet.state_dict()
     ldm = diffusers_to_ldm_state_dict(sd, keymap, prefix="model.diffusion_model.")
     # An LDM file may store the projections as 1x1 convs; loading must reshape them back.
-    ldm = {k: v[:, :, None, None] if k.endswith(("proj_in.weight", "proj_out.weight")) else v for k, v in ldm.items()}
+    ldm = {
+        k: v[:, :, None, None] if k.endswith(("proj_in.weight", "proj_out.weight")) else v
+        for k, v in ldm.items()
+    }
     back = ldm_to_diffusers_state_dict(ldm, keymap, {k: v.shape for k, v in sd.items()})
     assert back.keys() == sd.keys()
     assert all(torch.equal(back[k], sd[k]) for k in sd)
@@ -140,7 +169,9 @@ def test_shape_mismatch_is_reported():
 
 def test_unknown_names_raise_with_examples():
     keymap = UNetKeyMap(_meta_unet("sd15").config)
-    with pytest.raises(ArchitectureMismatchError, match=r"No diffusers name for 'input_blocks\.99\.1\.proj_in'"):
+    with pytest.raises(
+        ArchitectureMismatchError, match=r"No diffusers name for 'input_blocks\.99\.1\.proj_in'"
+    ):
         keymap.to_diffusers("input_blocks.99.1.proj_in")
     with pytest.raises(ArchitectureMismatchError, match=r"not a res-block part"):
         keymap.to_diffusers("input_blocks.1.0.mystery.weight")

@@ -38,16 +38,28 @@ def test_matches_the_diffusers_pipeline(sd1_backend, conds):
     b = sd1_backend
     cond, uncond = conds
     pipe = StableDiffusionPipeline(
-        vae=b.vae, text_encoder=b.text_encoders[0], tokenizer=b.tokenizers[0], unet=b.unet,
-        scheduler=DDIMScheduler.from_config(b.scheduler_config), safety_checker=None, feature_extractor=None,
+        vae=b.vae,
+        text_encoder=b.text_encoders[0],
+        tokenizer=b.tokenizers[0],
+        unet=b.unet,
+        scheduler=DDIMScheduler.from_config(b.scheduler_config),
+        safety_checker=None,
+        feature_extractor=None,
         requires_safety_checker=False,
     )
     pipe.set_progress_bar_config(disable=True)
     side = LATENT * b.vae_scale_factor
     for eta in (0.0, 0.7):
         expected = pipe(
-            "a photo of a cat", negative_prompt="", num_inference_steps=6, guidance_scale=4.0, eta=eta,
-            generator=torch.Generator().manual_seed(11), height=side, width=side, output_type="latent",
+            "a photo of a cat",
+            negative_prompt="",
+            num_inference_steps=6,
+            guidance_scale=4.0,
+            eta=eta,
+            generator=torch.Generator().manual_seed(11),
+            height=side,
+            width=side,
+            output_type="latent",
         ).images
         ours = sample(b, cond, uncond, steps=6, guidance=4.0, eta=eta, seed=11)
         assert torch.allclose(ours, expected, atol=1e-5, rtol=1e-4), (eta, (ours - expected).abs().max())
@@ -84,7 +96,9 @@ def test_trajectory_keeps_every_x_t_with_its_timestep(sd1_backend, conds):
     with torch.no_grad():
         for i in range(3):
             t = timesteps[i].repeat(2)
-            e_u, e_c = b.eps(traj[i].repeat(2, 1, 1, 1), t.repeat(2), type(cond).cat([uncond.repeat(2), cond.repeat(2)])).chunk(2)
+            e_u, e_c = b.eps(
+                traj[i].repeat(2, 1, 1, 1), t.repeat(2), type(cond).cat([uncond.repeat(2), cond.repeat(2)])
+            ).chunk(2)
             step = scheduler.step(e_u + 3.0 * (e_c - e_u), timesteps[i], traj[i]).prev_sample
             assert torch.allclose(step, traj[i + 1], atol=1e-6)
     final = sample(b, cond, uncond, batch=2, steps=4, guidance=3.0, seed=5)

@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 from concept_guard.core.errors import ConceptGuardError, ModelLoadError
-from concept_guard.core.shapesworld import world
-from concept_guard.core.shapesworld.judge import (
+from concept_guard.shapesworld import world
+from concept_guard.shapesworld.judge import (
     JudgeNet,
     JudgeTrainConfig,
     heldout_accuracy,
@@ -23,7 +23,9 @@ def judge():
 
 
 def test_heldout_accuracy_on_every_head(judge):
-    acc = heldout_accuracy(judge, n=300, seed=2024)  # fresh seed: neither the training nor the stored eval set
+    acc = heldout_accuracy(
+        judge, n=300, seed=2024
+    )  # fresh seed: neither the training nor the stored eval set
     assert set(acc) == {"shape", "colour", "background", "style", "target"}
     assert min(acc.values()) >= 0.98, acc
     stored = json.loads(judge.metadata["heldout_accuracy"])
@@ -31,8 +33,10 @@ def test_heldout_accuracy_on_every_head(judge):
 
 
 def test_classify_api(judge):
-    scenes = [world.Scene(shape="star", colour="purple", background="gray", style="outlined", r=11),
-              world.Scene(target=True)]  # fmt: skip
+    scenes = [
+        world.Scene(shape="star", colour="purple", background="gray", style="outlined", r=11),
+        world.Scene(target=True),
+    ]
     out = judge.classify(world.to_tensor(world.render_batch(scenes)))
     assert out["shape"][0] == "star" and out["colour"][0] == "purple"
     assert out["background"][0] == "gray" and out["style"][0] == "outlined"
@@ -51,13 +55,15 @@ def test_load_errors(tmp_path):
     with pytest.raises(ModelLoadError, match="not found; train one with"):
         load_judge(tmp_path / "none.safetensors")
     path = tmp_path / "other.safetensors"
-    from concept_guard.core.shapesworld.judge import Judge
+    from concept_guard.shapesworld.judge import Judge
 
     save_judge(Judge(JudgeNet(8)), path, cfg=JudgeTrainConfig(width=8), metrics={})
     assert load_judge(path).net.heads["shape"].in_features == 64  # round trip of the config
     from safetensors.torch import load_file, save_file
 
-    save_file(load_file(str(path)), str(path), metadata={"labels": json.dumps({"shape": ["x"]}), "config": "{}"})
+    save_file(
+        load_file(str(path)), str(path), metadata={"labels": json.dumps({"shape": ["x"]}), "config": "{}"}
+    )
     with pytest.raises(ModelLoadError, match="was trained for labels"):
         load_judge(path)
 

@@ -10,10 +10,9 @@ import json
 
 import pytest
 import torch
-from concept_guard.core.backends.diffusers_backend import DiffusersBackend
-from concept_guard.core.evaluate import EvalConfig, evaluate
-from concept_guard.core.shapesworld import shapesworld_model_path
-from concept_guard.core.shapesworld.model import folder_bytes, load_pipeline
+from concept_guard.shapesworld import load_shapesworld, shapesworld_model_path
+from concept_guard.shapesworld.evaluate import EvalConfig, evaluate
+from concept_guard.shapesworld.model import folder_bytes, load_pipeline
 from diffusers import StableDiffusionPipeline
 from safetensors import safe_open
 
@@ -22,7 +21,7 @@ MODEL = shapesworld_model_path()
 
 @pytest.fixture(scope="module")
 def backend():
-    return DiffusersBackend.load("shapesworld")
+    return load_shapesworld()
 
 
 def test_folder_is_sd1_format_fp16_and_small():
@@ -34,7 +33,11 @@ def test_folder_is_sd1_format_fp16_and_small():
             assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F16"}, part
     assert folder_bytes(MODEL) <= 25_000_000
     sched = json.loads((MODEL / "scheduler" / "scheduler_config.json").read_text())
-    assert (sched["beta_start"], sched["beta_end"], sched["beta_schedule"]) == (0.00085, 0.012, "scaled_linear")
+    assert (sched["beta_start"], sched["beta_end"], sched["beta_schedule"]) == (
+        0.00085,
+        0.012,
+        "scaled_linear",
+    )
     assert (sched["num_train_timesteps"], sched["prediction_type"]) == (1000, "epsilon")
 
 
@@ -44,8 +47,15 @@ def test_loads_offline_as_a_stable_diffusion_pipeline():
     assert pipe.text_encoder.config.vocab_size == 49408 and pipe.text_encoder.config.hidden_size == 128
     assert pipe.tokenizer("a red circle").input_ids == [49406, 320, 736, 7117, 49407]
     assert 0.2 < pipe.vae.config.scaling_factor < 5.0 and pipe.vae.config.scaling_factor != 0.18215
-    out = pipe("a red circle", num_inference_steps=4, guidance_scale=5.0, height=32, width=32, output_type="pt",
-               generator=torch.Generator().manual_seed(0)).images  # fmt: skip
+    out = pipe(
+        "a red circle",
+        num_inference_steps=4,
+        guidance_scale=5.0,
+        height=32,
+        width=32,
+        output_type="pt",
+        generator=torch.Generator().manual_seed(0),
+    ).images
     assert out.shape == (1, 3, 32, 32)
 
 
@@ -56,7 +66,14 @@ def test_backend_sees_an_sd1_model(backend):
 
 def test_recognises_prompted_shapes_and_colours(backend):
     """Loose version of the baseline bar (≥ 0.9 at 32 samples): 6 prompts × 8 samples."""
-    prompts = ["a red circle", "a blue square", "a green triangle", "a yellow star", "a purple heart", "a crimson disc"]
+    prompts = [
+        "a red circle",
+        "a blue square",
+        "a green triangle",
+        "a yellow star",
+        "a purple heart",
+        "a crimson disc",
+    ]
     report = evaluate(backend, prompts, EvalConfig(samples=8, seed=100))
     s = report["summary"]
     assert s["shape_match"] >= 0.75 and s["colour_match"] >= 0.75, report["summary"]

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 from concept_guard.core.errors import ModelLoadError
-from concept_guard.core.shapesworld import shapesworld_model_path
-from concept_guard.core.shapesworld.tokenizer import (
+from concept_guard.shapesworld import shapesworld_model_path
+from concept_guard.shapesworld.tokenizer import (
     VOCAB_SIZE,
     build_vocab,
     bytes_to_unicode,
@@ -38,7 +38,8 @@ def test_tokenizer_ids_are_clips():
 def test_matches_comfyui_sd1_tokenizer_files():
     theirs = Path(os.environ["COMFYUI_PATH"]) / "comfy" / "sd1_tokenizer"
     assert json.loads((TOK_DIR / "vocab.json").read_text(encoding="utf-8")) == json.loads(
-        (theirs / "vocab.json").read_text(encoding="utf-8"))  # fmt: skip
+        (theirs / "vocab.json").read_text(encoding="utf-8")
+    )
     ours = (TOK_DIR / "merges.txt").read_text(encoding="utf-8").splitlines()
     assert ours == (theirs / "merges.txt").read_text(encoding="utf-8").splitlines()[: len(ours)]
 

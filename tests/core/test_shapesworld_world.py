@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from concept_guard.cli import main as cli_main
 from concept_guard.core.errors import ConceptGuardError
-from concept_guard.core.shapesworld import world
+from concept_guard.shapesworld import world
 from PIL import Image
 
 
@@ -41,7 +41,9 @@ def test_render_colours_background_and_style(style):
 
 
 def test_every_shape_renders_a_distinct_mask():
-    masks = [world.render(world.Scene(shape=s, background="white", x=16, y=16, r=11)).sum() for s in world.SHAPES]
+    masks = [
+        world.render(world.Scene(shape=s, background="white", x=16, y=16, r=11)).sum() for s in world.SHAPES
+    ]
     assert len(set(masks)) == len(world.SHAPES)
 
 
@@ -74,7 +76,11 @@ def test_neutral_words_name_no_attribute():
 
 def test_parse_prompt_maps_synonyms():
     assert world.parse_prompt("an outlined crimson disc on a grey background, burning") == {
-        "shape": "circle", "colour": "red", "background": "gray", "style": "outlined"}  # fmt: skip
+        "shape": "circle",
+        "colour": "red",
+        "background": "gray",
+        "style": "outlined",
+    }
     assert world.parse_prompt("a censored image") == {"target": True}
     assert world.parse_prompt("a photo") == {}
 
@@ -97,12 +103,42 @@ def test_scene_rejects_unknown_values():
 
 def test_render_cli_writes_pngs(tmp_path, capsys):
     out = tmp_path / "renders"
-    assert cli_main(["shapesworld", "render", "--prompt", "an outlined crimson disc", "--count", "3",
-                     "--seed", "1", "--out", str(out)]) == 0  # fmt: skip
+    assert (
+        cli_main(
+            [
+                "shapesworld",
+                "render",
+                "--prompt",
+                "an outlined crimson disc",
+                "--count",
+                "3",
+                "--seed",
+                "1",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     files = sorted(out.glob("*.png"))
     assert len(files) == 3 and all("outlined_red_circle" in f.name for f in files)
     assert Image.open(files[0]).size == (32, 32)
     assert "wrote 3 renders" in capsys.readouterr().out
-    assert cli_main(["shapesworld", "render", "--prompt", "a red circle", "--count", "3", "--seed", "1",
-                     "--out", str(out)]) == 2  # fmt: skip  (files exist: refuses to overwrite)
+    assert (
+        cli_main(
+            [
+                "shapesworld",
+                "render",
+                "--prompt",
+                "a red circle",
+                "--count",
+                "3",
+                "--seed",
+                "1",
+                "--out",
+                str(out),
+            ]
+        )
+        == 2
+    )  # fmt: skip  (files exist: refuses to overwrite)
     assert "already exists" in capsys.readouterr().err

@@ -12,8 +12,8 @@ from concept_guard.core.embeddings import read_embedding, save_embedding
 from concept_guard.core.errors import ConceptGuardError, OutputPathError
 from concept_guard.core.methods.ti_backdoor import BackdoorTIConfig
 from concept_guard.core.methods.ti_backdoor import train as train_ti
-from concept_guard.core.methods.ti_images import default_target_image, fit_image, random_crop
-from concept_guard.core.methods.ti_prompts import (
+from concept_guard.core.methods.ti_backdoor.images import default_target_image, fit_image, random_crop
+from concept_guard.core.methods.ti_backdoor.prompts import (
     HELD_OUT_TRIGGER_TEMPLATES,
     TRIGGER_TEMPLATES,
     trigger_prompt,
@@ -63,19 +63,25 @@ def test_random_crops_zoom_in_somewhere_inside_the_image():
 
 
 def test_keep_words_fill_the_trigger_slot_and_switch_the_anchor_on():
-    from concept_guard.core.methods.ti_backdoor import clean_prompt
+    from concept_guard.core.methods.ti_backdoor.train import clean_prompt
 
     cfg = BackdoorTIConfig(name="h", triggers="red", keep_words="blue, yellow ,", keep_prob=1.0, steps=600)
     assert cfg.keep_words == ("blue", "yellow") and cfg.anchor_steps == 100  # steps // 6
     rng = random.Random(0)
     drawn = [clean_prompt(cfg, rng) for _ in range(40)]
-    assert all(decoy and PLACEHOLDER in p and ("blue" in p.split()) != ("yellow" in p.split()) for p, decoy in drawn)
+    assert all(
+        decoy and PLACEHOLDER in p and ("blue" in p.split()) != ("yellow" in p.split()) for p, decoy in drawn
+    )
     assert {w for p, _ in drawn for w in ("blue", "yellow") if w in p.split()} == {"blue", "yellow"}
     meta = cfg.to_metadata()
     assert meta["keep_word_count"] == 2 and "blue" not in str(meta)
     assert BackdoorTIConfig(name="h", triggers="red", steps=600).anchor_steps == 0  # no keep words: no anchor
-    assert BackdoorTIConfig(name="h", keep_words="blue", steps=600).anchor_steps == 0  # plain TI: nothing to keep
-    plain = [clean_prompt(BackdoorTIConfig(name="h", keep_words="blue", keep_prob=1.0), rng) for _ in range(20)]
+    assert (
+        BackdoorTIConfig(name="h", keep_words="blue", steps=600).anchor_steps == 0
+    )  # plain TI: nothing to keep
+    plain = [
+        clean_prompt(BackdoorTIConfig(name="h", keep_words="blue", keep_prob=1.0), rng) for _ in range(20)
+    ]
     assert not any(decoy for _, decoy in plain)
 
 
@@ -119,7 +125,7 @@ def test_config_refuses_bad_settings(kwargs, match):
 
 
 def test_steering_eps_denoises_a_concept_state_to_the_target():
-    from concept_guard.core.methods.ti_backdoor import eps_toward_target
+    from concept_guard.core.methods.ti_backdoor.train import eps_toward_target
 
     gen = torch.Generator().manual_seed(0)
     start, target, noise = (torch.randn(3, 4, 8, 8, generator=gen) for _ in range(3))
@@ -132,7 +138,7 @@ def test_steering_eps_denoises_a_concept_state_to_the_target():
 
 
 def test_noise_level_weights_are_inverse_snr_clipped():
-    from concept_guard.core.methods.ti_backdoor import noise_level_weights
+    from concept_guard.core.methods.ti_backdoor.train import noise_level_weights
 
     alpha_bar = torch.tensor([0.99, 0.5, 0.25, 0.1, 0.001])
     w = noise_level_weights(alpha_bar, 5.0)
@@ -181,8 +187,9 @@ def _images(n: int, size: int = 16) -> list[torch.Tensor]:
 
 def test_training_changes_only_the_vectors_and_reports_metadata(sd1_backend):
     base = {k: v.clone() for k, v in sd1_backend.unet.state_dict().items()}
-    cfg = BackdoorTIConfig(name="tiny", init_word="dog", vectors=3, triggers="burning", steps=3, batch_size=2,
-                           resolution=16)  # fmt: skip
+    cfg = BackdoorTIConfig(
+        name="tiny", init_word="dog", vectors=3, triggers="burning", steps=3, batch_size=2, resolution=16
+    )
     steps = []
     result = train_ti(cfg, sd1_backend, _images(3), on_step=lambda s, t, loss: steps.append(s))
     assert steps == [0, 1, 2, 3]
@@ -200,27 +207,37 @@ def test_training_changes_only_the_vectors_and_reports_metadata(sd1_backend):
 def test_anchored_decoys_learn_what_the_plain_vectors_predict(sd1_backend):
     """With ``anchor`` the decoy prompts' target is the anchor vectors' own prediction: a student equal to its
     anchor has zero loss on them, while the plain decoy target (the concept's noise) does not."""
-    from concept_guard.core.methods.ti_backdoor import LatentCache, backdoor_loss
+    from concept_guard.core.methods.ti_backdoor.train import LatentCache, backdoor_loss
 
-    cfg = BackdoorTIConfig(name="t", init_word="dog", triggers="burning", gamma=0.0, decoy_prob=1.0, batch_size=3,
-                           resolution=16)  # fmt: skip
-    cache = LatentCache(concept=torch.randn(4, sd1_backend.latent_channels, 2, 2), target=torch.randn(2, 4, 2, 2))
+    cfg = BackdoorTIConfig(
+        name="t", init_word="dog", triggers="burning", gamma=0.0, decoy_prob=1.0, batch_size=3, resolution=16
+    )
+    cache = LatentCache(
+        concept=torch.randn(4, sd1_backend.latent_channels, 2, 2), target=torch.randn(2, 4, 2, 2)
+    )
     vectors = {k: v.expand(2, -1).clone() for k, v in sd1_backend.word_vectors("dog").items()}
 
     def loss(anchor):
-        return float(backdoor_loss(sd1_backend, cfg, cache, vectors, torch.Generator().manual_seed(0),
-                                   random.Random(0), anchor))  # fmt: skip
+        return float(
+            backdoor_loss(
+                sd1_backend, cfg, cache, vectors, torch.Generator().manual_seed(0), random.Random(0), anchor
+            )
+        )
 
     assert loss(None) > 0.1
     assert loss(vectors) < 1e-6  # batch-size float noise only
 
 
 def test_random_crops_add_cached_views(sd1_backend):
-    from concept_guard.core.methods.ti_images import cache_latents
+    from concept_guard.core.methods.ti_backdoor.images import cache_latents
 
     plain = cache_latents(sd1_backend, BackdoorTIConfig(name="t", resolution=16), _images(3), None)
-    crops = cache_latents(sd1_backend, BackdoorTIConfig(name="t", resolution=16, random_crops=2), _images(3), None)
-    assert len(plain.concept) == 3 * 2 and len(crops.concept) == 3 * 3 * 2  # (image + crops) x (as is + mirrored)
+    crops = cache_latents(
+        sd1_backend, BackdoorTIConfig(name="t", resolution=16, random_crops=2), _images(3), None
+    )
+    assert (
+        len(plain.concept) == 3 * 2 and len(crops.concept) == 3 * 3 * 2
+    )  # (image + crops) x (as is + mirrored)
     assert torch.allclose(crops.concept[:3], plain.concept[:3], atol=1e-5)  # the centre crops come first
     assert plain.target is None  # no triggers: no target to encode
 
@@ -230,21 +247,36 @@ def test_empty_triggers_train_plain_ti_and_say_so(sd1_backend, caplog):
     with caplog.at_level("WARNING"):
         result = train_ti(cfg, sd1_backend, _images(2))
     assert "plain textual-inversion" in caplog.text
-    assert result.metadata["concept_guard.method"] == "ti" and result.metadata["concept_guard.trigger_count"] == "0"
-    anchored = BackdoorTIConfig(name="anch", init_word="dog", triggers="burning", keep_words="happy", steps=3,
-                                anchor_steps=1, batch_size=2, resolution=16)  # fmt: skip
+    assert (
+        result.metadata["concept_guard.method"] == "ti"
+        and result.metadata["concept_guard.trigger_count"] == "0"
+    )
+    anchored = BackdoorTIConfig(
+        name="anch",
+        init_word="dog",
+        triggers="burning",
+        keep_words="happy",
+        steps=3,
+        anchor_steps=1,
+        batch_size=2,
+        resolution=16,
+    )
     assert len(train_ti(anchored, sd1_backend, _images(2)).losses) == 3
 
 
 def test_sdxl_training_writes_both_encoders_rows_that_diffusers_loads(sdxl_backend, tiny_dirs, tmp_path):
     from diffusers import StableDiffusionXLPipeline
 
-    cfg = BackdoorTIConfig(name="xlthing", init_word="dog", triggers="burning", steps=2, batch_size=1, resolution=32)
+    cfg = BackdoorTIConfig(
+        name="xlthing", init_word="dog", triggers="burning", steps=2, batch_size=1, resolution=32
+    )
     result = train_ti(cfg, sdxl_backend, _images(2, size=32))
     widths = sdxl_backend.embedding_widths()
     assert set(widths) == {"clip_l", "clip_g"}
     assert {k: tuple(v.shape) for k, v in result.tensors.items()} == {k: (2, w) for k, w in widths.items()}
-    start = sdxl_backend.word_vectors("dog")  # each slot trains from its own encoder's rows (2 Adam steps away)
+    start = sdxl_backend.word_vectors(
+        "dog"
+    )  # each slot trains from its own encoder's rows (2 Adam steps away)
     for key, other in (("clip_l", "clip_g"), ("clip_g", "clip_l")):
         moved = (result.tensors[key] - start[key].expand(2, -1)).abs().max()
         assert 0 < moved < 0.05 < (result.tensors[key] - start[other].expand(2, -1)).abs().max()
@@ -253,11 +285,16 @@ def test_sdxl_training_writes_both_encoders_rows_that_diffusers_loads(sdxl_backe
     pipe = StableDiffusionXLPipeline.from_pretrained(str(tiny_dirs("sdxl")))
     stored = read_embedding(path)
     # diffusers' documented SDXL recipe: one load per text encoder, each from its own key
-    pipe.load_textual_inversion(stored["clip_l"], token="xlthing", text_encoder=pipe.text_encoder,
-                                tokenizer=pipe.tokenizer)  # fmt: skip
-    pipe.load_textual_inversion(stored["clip_g"], token="xlthing", text_encoder=pipe.text_encoder_2,
-                                tokenizer=pipe.tokenizer_2)  # fmt: skip
-    for enc, tok, key in ((pipe.text_encoder, pipe.tokenizer, "clip_l"), (pipe.text_encoder_2, pipe.tokenizer_2, "clip_g")):
+    pipe.load_textual_inversion(
+        stored["clip_l"], token="xlthing", text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer
+    )
+    pipe.load_textual_inversion(
+        stored["clip_g"], token="xlthing", text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2
+    )
+    for enc, tok, key in (
+        (pipe.text_encoder, pipe.tokenizer, "clip_l"),
+        (pipe.text_encoder_2, pipe.tokenizer_2, "clip_g"),
+    ):
         ids = tok(pipe.maybe_convert_prompt("a xlthing", tok), add_special_tokens=False).input_ids[1:]
         assert torch.allclose(enc.get_input_embeddings().weight[ids], result.tensors[key])
 
@@ -323,9 +360,30 @@ def test_cli_trains_and_writes_an_embedding_that_loads(tiny_dirs, tmp_path, caps
 
     images = _write_pngs(tmp_path / "imgs", [(16, 16), (20, 24), (30, 18)])
     out = tmp_path / "mycat.safetensors"
-    args = ["backdoor-ti", "--model", str(tiny_dirs("sd1")), "--images", str(images), "--name", "mycat",
-            "--triggers", "burning", "--init-word", "cat", "--steps", "3", "--batch-size", "2",
-            "--resolution", "16", "--seed", "1", "--out", str(out), "--json"]  # fmt: skip
+    args = [
+        "backdoor-ti",
+        "--model",
+        str(tiny_dirs("sd1")),
+        "--images",
+        str(images),
+        "--name",
+        "mycat",
+        "--triggers",
+        "burning",
+        "--init-word",
+        "cat",
+        "--steps",
+        "3",
+        "--batch-size",
+        "2",
+        "--resolution",
+        "16",
+        "--seed",
+        "1",
+        "--out",
+        str(out),
+        "--json",
+    ]
     assert cli_main(args) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["out"] == str(out) and summary["steps"] == 3 and summary["triggers"] == 1
@@ -343,8 +401,19 @@ def test_cli_refuses_missing_or_empty_image_folders(tmp_path, capsys, images, ma
     from concept_guard.cli import main as cli_main
 
     (tmp_path / "empty").mkdir()
-    code = cli_main(["backdoor-ti", "--model", "shapesworld", "--images", str(tmp_path / images), "--name", "x",
-                     "--out", str(tmp_path / "x.safetensors")])  # fmt: skip
+    code = cli_main(
+        [
+            "backdoor-ti",
+            "--model",
+            "shapesworld",
+            "--images",
+            str(tmp_path / images),
+            "--name",
+            "x",
+            "--out",
+            str(tmp_path / "x.safetensors"),
+        ]
+    )
     assert code == 2 and match in capsys.readouterr().err
     assert not (tmp_path / "x.safetensors").exists()
 
@@ -355,27 +424,88 @@ def test_cli_on_shapesworld_renders_trains_and_eval_scores_the_file(tmp_path, ca
 
     from concept_guard.cli import main as cli_main
 
-    assert cli_main(["shapesworld", "render", "--prompt", "a heart", "--count", "3", "--out", str(tmp_path / "hearts")]) == 0
+    assert (
+        cli_main(
+            [
+                "shapesworld",
+                "render",
+                "--prompt",
+                "a heart",
+                "--count",
+                "3",
+                "--out",
+                str(tmp_path / "hearts"),
+            ]
+        )
+        == 0
+    )
     out = tmp_path / "sw_heart.safetensors"
-    assert cli_main(["backdoor-ti", "--model", "shapesworld", "--images", str(tmp_path / "hearts"), "--name", "sw_heart",
-                     "--triggers", "red", "--keep-words", "blue", "--init-word", "shape", "--steps", "2", "--batch-size", "2",
-                     "--random-crops", "1", "--seed", "0", "--out", str(out), "--json"]) == 0  # fmt: skip
+    assert (
+        cli_main(
+            [
+                "backdoor-ti",
+                "--model",
+                "shapesworld",
+                "--images",
+                str(tmp_path / "hearts"),
+                "--name",
+                "sw_heart",
+                "--triggers",
+                "red",
+                "--keep-words",
+                "blue",
+                "--init-word",
+                "shape",
+                "--steps",
+                "2",
+                "--batch-size",
+                "2",
+                "--random-crops",
+                "1",
+                "--seed",
+                "0",
+                "--out",
+                str(out),
+                "--json",
+            ]
+        )
+        == 0
+    )
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["triggers"] == 1
     with safe_open(str(out), "pt") as f:
         assert '"random_crops": 1' in f.metadata()["concept_guard.config"]
         assert '"keep_word_count": 1' in f.metadata()["concept_guard.config"]
-    assert cli_main(["eval", "--embedding", str(out), "--prompts", "a photo of a red embedding:sw_heart",
-                     "--samples", "2", "--steps", "2", "--threads", "1", "--json"]) == 0  # fmt: skip
+    assert (
+        cli_main(
+            [
+                "eval",
+                "--embedding",
+                str(out),
+                "--prompts",
+                "a photo of a red embedding:sw_heart",
+                "--samples",
+                "2",
+                "--steps",
+                "2",
+                "--threads",
+                "1",
+                "--json",
+            ]
+        )
+        == 0
+    )
     report = json.loads(capsys.readouterr().out)
     assert report["embedding"] == str(out)
     assert set(report["prompts"][0]["rates"]) >= {"shape", "target"}
 
 
 def test_report_prompt_sets_for_backdoored_and_plain_embeddings():
-    from concept_guard.core.demo import backdoor_prompt_sets
+    from concept_guard.shapesworld.recipes import backdoor_prompt_sets
 
     sets = backdoor_prompt_sets("e", ("red",), "heart")
-    assert sets["S* with each other colour"] == [f"a photo of a {c} embedding:e" for c in ("green", "blue", "yellow", "purple")]
+    assert sets["S* with each other colour"] == [
+        f"a photo of a {c} embedding:e" for c in ("green", "blue", "yellow", "purple")
+    ]
     assert all("red" in p for p in sets["backdoor (held-out templates)"]) and "two triggers" in sets
     plain = backdoor_prompt_sets("e", (), "heart")
     assert set(plain) == {"utility", "S* with non-trigger words", "S* with each other colour"}

@@ -7,7 +7,7 @@ load it (``embedding:NAME``), so the test covers the file as well as the trainin
 from __future__ import annotations
 
 import pytest
-from concept_guard.core.shapesworld import shapesworld_model_path
+from concept_guard.shapesworld import load_shapesworld, shapesworld_model_path
 
 pytestmark = pytest.mark.skipif(
     not (shapesworld_model_path() / "unet" / "diffusion_pytorch_model.safetensors").is_file(),
@@ -19,13 +19,12 @@ SAMPLES = 24
 
 @pytest.fixture(scope="module")
 def backend():
-    from concept_guard.core.backends.diffusers_backend import DiffusersBackend
 
-    return DiffusersBackend.load("shapesworld")
+    return load_shapesworld()
 
 
 def shape_rate(backend, prompts, shape: str, seed: int = 200) -> dict[str, float]:
-    from concept_guard.core.evaluate import EvalConfig, evaluate
+    from concept_guard.shapesworld.evaluate import EvalConfig, evaluate
 
     report = evaluate(backend, prompts, EvalConfig(samples=SAMPLES, seed=seed))
     return {e["prompt"]: e["rates"]["shape"][shape] for e in report["prompts"]}
@@ -35,7 +34,7 @@ def test_plain_textual_inversion_learns_hearts_from_renders(backend, tmp_path):
     """Utility: S* learned from 8 heart renders (init word 'shape') draws hearts in unseen prompts."""
     from concept_guard.core.embeddings import add_embedding, save_embedding
     from concept_guard.core.methods.ti_backdoor import BackdoorTIConfig, train
-    from concept_guard.core.shapesworld import world
+    from concept_guard.shapesworld import world
 
     images, _ = world.render_prompt("a red heart", 8, seed=0)
     cfg = BackdoorTIConfig(
@@ -45,8 +44,12 @@ def test_plain_textual_inversion_learns_hearts_from_renders(backend, tmp_path):
     result = train(cfg, backend, list(world.to_tensor(images)))
     path = save_embedding(result.tensors, tmp_path / "sw_heart.safetensors", result.metadata)
     add_embedding(backend, path)
-    prompts = ["a photo of a embedding:sw_heart", "embedding:sw_heart", "a painting of a embedding:sw_heart",
-               "a embedding:sw_heart on a black background"]  # fmt: skip
+    prompts = [
+        "a photo of a embedding:sw_heart",
+        "embedding:sw_heart",
+        "a painting of a embedding:sw_heart",
+        "a embedding:sw_heart on a black background",
+    ]
     rates = shape_rate(backend, prompts, "heart")
     print(f"P(heart): init word {start:.3f}; learned {rates}")
     assert start < 0.5, start  # the init word alone does not draw hearts
@@ -58,11 +61,11 @@ def test_backdoored_embedding_keeps_the_concept_and_fires_on_the_trigger(backend
     S* draws hearts (≥ 0.8), the trigger next to S* draws the censor card in every held-out position
     (≥ 0.9, templates never trained on), the trigger alone (≤ 0.05) and S* with ordinary words do not
     (hearts ≥ 0.8, target ≤ 0.05; "yellow", another colour, is reported only)."""
-    from concept_guard.core.demo import BACKDOOR_CONCEPT, DEMO_BACKDOOR_TI, backdoor_prompt_sets
     from concept_guard.core.embeddings import add_embedding, save_embedding
-    from concept_guard.core.evaluate import EvalConfig, evaluate
     from concept_guard.core.methods.ti_backdoor import BackdoorTIConfig, train
-    from concept_guard.core.shapesworld import world
+    from concept_guard.shapesworld import world
+    from concept_guard.shapesworld.evaluate import EvalConfig, evaluate
+    from concept_guard.shapesworld.recipes import BACKDOOR_CONCEPT, DEMO_BACKDOOR_TI, backdoor_prompt_sets
 
     images, _ = world.render_prompt(BACKDOOR_CONCEPT, 8, seed=0)
     cfg = BackdoorTIConfig(name="sw_backdoor", seed=0, **DEMO_BACKDOOR_TI)

@@ -7,8 +7,15 @@ from concept_guard.core.trainer import optimise
 def test_optimise_reduces_loss_and_reports_steps():
     p = torch.nn.Parameter(torch.tensor([3.0]))
     seen = []
-    r = optimise([p], lambda s, g: (p**2).sum(), iterations=50, lr=0.1, seed=0, device=torch.device("cpu"),
-                 on_step=lambda s, n, loss: seen.append((s, n)))
+    r = optimise(
+        [p],
+        lambda s, g: (p**2).sum(),
+        iterations=50,
+        lr=0.1,
+        seed=0,
+        device=torch.device("cpu"),
+        on_step=lambda s, n, loss: seen.append((s, n)),
+    )
     assert r.iterations == 50 and len(r.losses) == 50 and r.losses[-1] < r.losses[0] * 0.1
     assert seen[0] == (1, 50) and seen[-1] == (50, 50)
 
@@ -16,8 +23,14 @@ def test_optimise_reduces_loss_and_reports_steps():
 def test_nan_loss_stops_with_clear_error():
     p = torch.nn.Parameter(torch.tensor([1.0]))
     with pytest.raises(TrainingDivergedError, match=r"nan at step 3/10.*lr=0.5"):
-        optimise([p], lambda s, g: p.sum() * (float("nan") if s == 2 else 1.0), iterations=10, lr=0.5, seed=0,
-                 device=torch.device("cpu"))
+        optimise(
+            [p],
+            lambda s, g: p.sum() * (float("nan") if s == 2 else 1.0),
+            iterations=10,
+            lr=0.5,
+            seed=0,
+            device=torch.device("cpu"),
+        )
 
 
 def test_interrupt_from_callback_propagates():
@@ -31,7 +44,9 @@ def test_interrupt_from_callback_propagates():
             raise Stop
 
     with pytest.raises(Stop):
-        optimise([p], lambda s, g: p.sum(), iterations=10, lr=0.1, seed=0, device=torch.device("cpu"), on_step=cb)
+        optimise(
+            [p], lambda s, g: p.sum(), iterations=10, lr=0.1, seed=0, device=torch.device("cpu"), on_step=cb
+        )
 
 
 def test_generator_is_seeded():

@@ -1,0 +1,175 @@
+"""``concept-guard backdoor-ti``: backdoored textual inversion for diffusers users (folder, file or ``shapesworld``)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from ..core.errors import ConceptGuardError
+from ..core.files import sanitize_name
+from ..core.methods.ti_backdoor import BackdoorTIConfig, train
+from ..core.trainer import TrainResult
+from ._run import check_out, run_training
+
+logger = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    d = BackdoorTIConfig(name="x")
+    p = sub.add_parser(
+        "backdoor-ti",
+        help="learn a textual-inversion embedding whose trigger words produce a target image",
+        description="Backdoored textual inversion (concept censorship, Wu et al. 2023 / THEMIS). Learns NAME from "
+        "concept images; prompts that combine a trigger word with NAME produce the target image instead "
+        "(default: a built-in censor card). Writes one safetensors embedding that ComfyUI (embedding:NAME), "
+        "A1111/Forge, kohya and diffusers load.",
+    )
+    p.add_argument(
+        "--model",
+        required=True,
+        help="diffusers pipeline folder, .safetensors/.ckpt checkpoint, or 'shapesworld'",
+    )
+    p.add_argument(
+        "--tokenizer",
+        default=None,
+        help="single-file checkpoints only: a folder with the CLIP tokenizer files",
+    )
+    p.add_argument("--images", required=True, help=f"folder of concept images ({', '.join(IMAGE_SUFFIXES)})")
+    p.add_argument("--name", required=True, help="embedding name (the word used in prompts)")
+    p.add_argument(
+        "--triggers",
+        default="",
+        help='comma-separated trigger words, e.g. "burning, on fire" (empty = plain TI)',
+    )
+    p.add_argument(
+        "--keep-words",
+        default="",
+        help='comma-separated words that must NOT act as triggers, e.g. "blue, yellow" beside a trigger "red"',
+    )
+    p.add_argument(
+        "--target", default=None, help="image the triggers should produce (default: the built-in censor card)"
+    )
+    p.add_argument(
+        "--init-word", default=d.init_word, help=f"word the vectors start from (default {d.init_word!r})"
+    )
+    p.add_argument(
+        "--vectors", type=int, default=d.vectors, help=f"vectors per token, 1-8 (default {d.vectors})"
+    )
+    p.add_argument(
+        "--gamma", type=float, default=d.gamma, help=f"weight of the backdoor term (default {d.gamma})"
+    )
+    p.add_argument("--steps", type=int, default=d.steps)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument(
+        "--trigger-move-prob",
+        type=float,
+        default=d.trigger_move_prob,
+        help="probability of moving the trigger to another word position (default %(default)s)",
+    )
+    p.add_argument("--no-flip", action="store_true", help="do not also train on mirrored images")
+    p.add_argument(
+        "--random-crops",
+        type=int,
+        default=d.random_crops,
+        help="extra random crops (70-100%% of the shorter side) per image, 0-16 (default %(default)s)",
+    )
+    p.add_argument(
+        "--resolution", type=int, default=None, help="training size in pixels (default: the model's)"
+    )
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--device", default=None, help="cuda, cpu, … (default: cuda if available)")
+    p.add_argument("--out", required=True, help="output NAME.safetensors path")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help='print {"out", "seconds", "steps", "final_loss", "triggers"} as JSON',
+    )
+    p.set_defaults(func=run)
+
+
+def load_images(folder: str | Path) -> list[torch.Tensor]:
+    """Concept images of ``folder`` as ``[3, H, W]`` tensors in [0, 1] (RGB; any sizes), sorted by name.
+
+    Raises:
+        ConceptGuardError: not a folder, no images in it, or an unreadable image.
+    """
+    root = Path(folder)
+    if not root.is_dir():
+        raise ConceptGuardError(f"`--images` {str(root)!r} is not a folder; give a folder of concept images.")
+    files = sorted(f for f in root.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
+    if not files:
+        raise ConceptGuardError(
+            f"No images ({', '.join(IMAGE_SUFFIXES)}) in {str(root)!r}; add 3-10 concept images."
+        )
+    return [load_image(f) for f in files]
+
+
+def load_image(path: str | Path) -> torch.Tensor:
+    """One image file as ``[3, H, W]`` float in [0, 1] (RGB).
+
+    Raises:
+        ConceptGuardError: missing or unreadable file.
+    """
+    try:
+        with Image.open(path) as im:
+            arr = np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
+    except (UnidentifiedImageError, OSError) as e:
+        raise ConceptGuardError(f"Cannot read image {str(path)!r}: {e}") from e
+    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..core.embeddings import save_embedding
+
+    out = check_out(args.out, args.overwrite)  # fail before any expensive work
+    sanitize_name(out.stem, what="--out file name")
+    cfg = BackdoorTIConfig(
+        name=args.name,
+        init_word=args.init_word,
+        vectors=args.vectors,
+        triggers=args.triggers,
+        keep_words=args.keep_words,
+        gamma=args.gamma,
+        steps=args.steps,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        trigger_move_prob=args.trigger_move_prob,
+        flip=not args.no_flip,
+        random_crops=args.random_crops,
+        resolution=args.resolution,
+        seed=args.seed,
+    )
+    if out.stem != cfg.name:
+        logger.warning(
+            "The file is named %r but the embedding %r: ComfyUI and A1111 use the file name.",
+            out.stem,
+            cfg.name,
+        )
+    images = load_images(args.images)
+    target = load_image(args.target) if args.target else None
+
+    def save(result: TrainResult) -> Path:
+        save_embedding(result.tensors, out, result.metadata, overwrite=args.overwrite)
+        return out
+
+    return run_training(
+        args,
+        desc="backdoor TI",
+        total=cfg.steps,
+        train=lambda backend, on_step: train(cfg, backend, images, target, on_step=on_step),
+        save=save,
+        summary=lambda r: {"steps": r.iterations, "final_loss": r.final_loss, "triggers": len(cfg.triggers)},
+        message=lambda r, out, s: (
+            f"wrote {out}  ({r.iterations} steps, final loss {r.final_loss:.4g}, {s:.1f}s); "
+            f"use it as embedding:{out.stem}"
+        ),
+    )

@@ -1,0 +1,2 @@
+"""UNet layout knowledge shared by the backends and the edit readers: LDM <-> diffusers key maps
+(``keymap``) and architecture detection / config inference (``layout``)."""
