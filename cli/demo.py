@@ -8,6 +8,7 @@ with the same seeds, and write a before/after PNG grid plus the judge's table.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import time
@@ -74,7 +75,7 @@ def run_demo(
     report = {
         "concept": concept,
         "edit": str(edit_path),
-        "esd": {k: v for k, v in esd_cfg.to_metadata().items()},
+        "esd": dataclasses.asdict(esd_cfg),
         "train_seconds": round(result.seconds + result.setup_seconds, 1),
         "final_loss": result.final_loss,
         "total_seconds": round(time.perf_counter() - start, 1),

@@ -22,7 +22,7 @@ import comfy.model_patcher
 import comfy.patcher_extension
 import torch
 
-from ..core.backend import Conditioning
+from ..core.backend import NATIVE_LATENT, Conditioning
 from ..core.delta import DeltaSet, WeightDelta
 from ..core.errors import ArchitectureMismatchError, ConceptGuardError, ModelLoadError, NoMatchingModulesError
 from ..core.unet.keymap import UNET_PREFIX
@@ -99,6 +99,7 @@ class ComfyBackend:
         self.vae = vae
         base = self.patcher.model
         self.arch = detect_arch(base)
+        self.native_latent_size = NATIVE_LATENT[self.arch]
         self.prediction_type = prediction_type(self._model_sampling())
         self.device = torch.device(self.patcher.load_device)
         self.dtype = base.manual_cast_dtype or base.get_dtype()

@@ -91,6 +91,10 @@ class Conditioning:
         )
 
 
+#: Native latent size of each family when the model does not say (SD1.x/2.x: 512 px, SDXL: 1024 px; /8).
+NATIVE_LATENT = {"sd1": 64, "sd2": 64, "sdxl": 128}
+
+
 @runtime_checkable
 class DiffusionBackend(Protocol):
     """What a training method may ask of a model. See the module docstring.
@@ -104,6 +108,7 @@ class DiffusionBackend(Protocol):
         latent_channels (`int`): channels of the UNet's latent space.
         vae_scale_factor (`int`): pixel size / latent size.
         fingerprint (`str`): a short hash identifying the base weights (written into metadata).
+        native_latent_size (`int`): the latent height/width the model was trained at (e.g. 64 for SD1.5).
     """
 
     device: torch.device
@@ -114,6 +119,11 @@ class DiffusionBackend(Protocol):
     latent_channels: int
     vae_scale_factor: int
     fingerprint: str
+    native_latent_size: int
+
+    def count_tokens(self, prompt: str) -> int:
+        """Tokens of ``prompt`` without the start/end tokens (CLIP's context fits 75)."""
+        ...
 
     def encode_text(self, prompts: Sequence[str]) -> Conditioning:
         """Encode prompts (no grad) into a batched :class:`Conditioning` on ``device``."""

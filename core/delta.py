@@ -84,11 +84,8 @@ class DeltaSet(nn.Module):
 
     @property
     def enabled(self) -> bool:
-        """Whether deltas are active. Change it only through :meth:`teacher` or :meth:`set_enabled`."""
+        """Whether deltas are active. Change it only through :meth:`teacher`."""
         return self._enabled
-
-    def set_enabled(self, value: bool) -> None:
-        self._enabled = bool(value)
 
     def names(self) -> list[str]:
         return list(self._names)

@@ -27,8 +27,6 @@ from .seeding import make_generator
 
 logger = logging.getLogger(__name__)
 
-_NATIVE_LATENT = {"sd1": 64, "sd2": 64, "sdxl": 128}
-
 
 class Trajectory(NamedTuple):
     """Latents along DDIM trajectories.
@@ -77,7 +75,7 @@ def _check(
 
 def latent_hw(backend: DiffusionBackend, latent_size: int | Sequence[int] | None) -> tuple[int, int]:
     if latent_size is None:
-        latent_size = getattr(backend, "native_latent_size", None) or _NATIVE_LATENT.get(backend.arch, 64)
+        latent_size = backend.native_latent_size
     h, w = (latent_size, latent_size) if isinstance(latent_size, int) else tuple(latent_size)
     if h <= 0 or w <= 0:
         raise ConceptGuardError(f"`latent_size` must be positive, got {latent_size!r}.")

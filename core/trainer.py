@@ -73,7 +73,6 @@ def optimise(
     seed: int,
     device: torch.device,
     on_step: StepCallback | None = None,
-    weight_decay: float = 0.0,
 ) -> TrainResult:
     """Run ``iterations`` Adam steps on ``params`` minimising ``loss_fn``.
 
@@ -93,11 +92,7 @@ def optimise(
         TrainingDivergedError: the loss became NaN or infinite (training stops at once).
     """
     params = [p for p in params]
-    opt = (
-        torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-        if weight_decay
-        else torch.optim.Adam(params, lr=lr)
-    )
+    opt = torch.optim.Adam(params, lr=lr)
     gen = make_generator(seed)
     losses: list[float] = []
     start = time.perf_counter()

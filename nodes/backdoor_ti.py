@@ -116,7 +116,8 @@ class BackdoorTIEmbedding(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, name: str = "", **_ignored) -> bool | str:
+    def validate_inputs(cls, name: str = "") -> bool | str:
+        # Only ``name`` is named: ComfyUI skips its own min/max/combo checks for every input named here.
         if isinstance(name, str) and not name.strip():
             return "`name` is empty: give the embedding a name, e.g. 'my_dog'."
         return True

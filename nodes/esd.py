@@ -106,9 +106,9 @@ class EraseConceptESD(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(
-        cls, concepts: str = "", iterations: int = 1, file_name: str = "", **_ignored
-    ) -> bool | str:
+    def validate_inputs(cls, concepts: str = "") -> bool | str:
+        # Only the inputs checked here are named: ComfyUI skips its own min/max/combo checks for every input
+        # this signature names, and for all of them if it takes **kwargs.
         if isinstance(concepts, str) and not parse_concepts(concepts):
             return "`concepts` is empty: name at least one concept to erase, e.g. 'circle'."
         return True

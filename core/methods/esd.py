@@ -28,13 +28,14 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
 from ..backend import Conditioning, DiffusionBackend
+from ..config_io import config_from_metadata, config_metadata
 from ..errors import ConceptGuardError
 from ..sampling import sample_trajectory
 from ..seeding import make_generator
@@ -114,8 +115,28 @@ class ESDConfig:
         if not (0 <= self.eta <= 20):
             raise ConceptGuardError(f"`eta` must be in [0, 20], got {self.eta!r}; 2.0 is the usual value.")
 
-    def to_metadata(self) -> dict[str, object]:
-        return {f"esd.{k}": v for k, v in asdict(self).items()}
+    def to_metadata(self) -> dict[str, str]:
+        """Header entries: the whole config once (JSON) and the fields people look for as flat keys."""
+        return config_metadata(self, summary=_ESD_SUMMARY)
+
+    @classmethod
+    def from_metadata(cls, metadata: Mapping[str, str]) -> ESDConfig:
+        """The config an ESD edit file was trained with (its header, as :meth:`to_metadata` wrote it)."""
+        return config_from_metadata(cls, metadata)
+
+
+#: Config fields repeated as flat ``concept_guard.<field>`` header keys.
+_ESD_SUMMARY = (
+    "method",
+    "concepts",
+    "anchor",
+    "erase_from",
+    "preserve",
+    "preserve_null",
+    "eta",
+    "iterations",
+    "lr",
+)
 
 
 @dataclass
@@ -141,9 +162,8 @@ class TrajectoryBank:
 
 def check_prompt_length(backend: DiffusionBackend, prompts: Sequence[str]) -> None:
     """Reject prompts longer than CLIP's context (ESD would silently train on a truncated prompt)."""
-    count = getattr(backend, "count_tokens", None)
     for p in prompts:
-        n = count(p) if count is not None else len(p.split())
+        n = backend.count_tokens(p)
         if n > MAX_PROMPT_TOKENS:
             raise ConceptGuardError(
                 f"Concept {p[:40]!r}… is {n} tokens; at most {MAX_PROMPT_TOKENS} fit in CLIP's 77-token context. Shorten it."
@@ -320,16 +340,7 @@ def train(
         deltas.detach()
     result.setup_seconds = setup_seconds
     result.metadata = {
-        "concept_guard.method": cfg.method,
-        "concept_guard.concepts": ", ".join(cfg.concepts),
-        "concept_guard.anchor": cfg.anchor or "",
-        "concept_guard.erase_from": ", ".join(cfg.erase_from),
-        "concept_guard.preserve": ", ".join(cfg.preserve),
-        "concept_guard.preserve_null": str(cfg.preserve_null),
-        "concept_guard.eta": str(cfg.eta),
-        "concept_guard.iterations": str(cfg.iterations),
-        "concept_guard.lr": str(cfg.lr),
-        "concept_guard.config": cfg.to_metadata(),
+        **cfg.to_metadata(),
         "concept_guard.base_fingerprint": backend.fingerprint,
         "concept_guard.arch": backend.arch,
         "concept_guard.final_loss": f"{result.final_loss:.6g}",

@@ -158,7 +158,7 @@ def test_saved_file_has_diff_keys_metadata_and_loads_through_lora_loader(model, 
     )
     assert meta["concept_guard.base_fingerprint"] == ComfyBackend(model).fingerprint
     assert meta["concept_guard.version"] == __version__
-    assert json.loads(meta["concept_guard.config"])["esd.latent_size"] == 8
+    assert json.loads(meta["concept_guard.config"])["latent_size"] == 8
 
     eps_node = probe_eps(edited, clip)
     # Stock LoraLoaderModelOnly applies the file exactly as the node's MODEL carries the edit ...
@@ -186,7 +186,7 @@ def test_existing_file_is_an_error_unless_overwrite(model, clip, loras_dir):
     assert Path(path).read_bytes() == before and files_in(loras_dir) == ["concept_guard/edit.safetensors"]
     _, again = run_node(model, clip, file_name="edit", seed=2, overwrite=True)
     assert again == path and Path(path).read_bytes() != before
-    assert json.loads(read_edit(path)[1]["concept_guard.config"])["esd.seed"] == 2
+    assert json.loads(read_edit(path)[1]["concept_guard.config"])["seed"] == 2
 
 
 @pytest.mark.parametrize("name", ["../x", "a/b", "..", "/tmp/x", "a\\b", "x..y"])
@@ -200,9 +200,9 @@ def test_path_like_file_name_is_rejected_before_training(name, model, clip, lora
 
 @pytest.mark.parametrize("concepts", ["", "   ", " , ,"])
 def test_empty_concept_is_reported_by_validate_inputs_and_execute(concepts, model, clip, loras_dir):
-    message = EraseConceptESD.validate_inputs(concepts=concepts, iterations=3, file_name="")
+    message = EraseConceptESD.validate_inputs(concepts=concepts)
     assert isinstance(message, str) and "concepts" in message and "empty" in message
-    assert EraseConceptESD.validate_inputs(concepts="circle", iterations=3, file_name="") is True
+    assert EraseConceptESD.validate_inputs(concepts="circle") is True
     with pytest.raises(ConceptGuardError, match="concepts"):
         run_node(model, clip, concepts=concepts, file_name="never")
     assert files_in(loras_dir) == []

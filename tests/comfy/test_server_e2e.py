@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+import urllib.error
 import urllib.request
 import uuid
 from pathlib import Path
@@ -205,3 +206,37 @@ def test_backdoor_ti_workflow_writes_an_embedding_the_stock_prompt_syntax_uses(
     encode("a photo of embedding:my_concept")  # ... and ours is found and fits this CLIP
     log = comfy_server.log()
     assert "embedding:my_concept does not exist" not in log and "shape mismatch" not in log
+
+
+def post_prompt(server, prompt: dict) -> tuple[int, dict]:
+    """POST a prompt to ``/prompt``; the HTTP status and the JSON body (also for a refused prompt)."""
+    body = json.dumps({"prompt": prompt, "client_id": uuid.uuid4().hex}).encode()
+    request = urllib.request.Request(
+        server.url + "/prompt", data=body, headers={"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+@pytest.mark.parametrize(
+    ("workflow", "node", "inputs", "kind"),
+    [
+        ("esd_erase_and_sample.json", ESD, {"guidance": 1000.0}, "value_bigger_than_max"),
+        ("esd_erase_and_sample.json", ESD, {"iterations": 0}, "value_smaller_than_min"),
+        ("backdoor_ti_embedding.json", TI, {"batch_size": 0}, "value_smaller_than_min"),
+    ],
+)
+def test_out_of_range_values_are_refused_at_queue_time(
+    comfy_server, checkpoint, object_info, workflow, node, inputs, kind
+):
+    prompt = tiny_prompt(workflow, object_info)
+    set_inputs(prompt, node, **inputs)
+    (node_id,) = node_ids(prompt, node)
+    status, body = post_prompt(comfy_server, prompt)
+    assert status == 400, body
+    errors = body["node_errors"][node_id]["errors"]
+    (name,) = inputs
+    assert any(e["type"] == kind and e["details"] == name for e in errors), errors

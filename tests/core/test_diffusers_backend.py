@@ -302,7 +302,8 @@ def test_half_precision_unet_keeps_fp32_deltas_and_vae(tiny_dirs):
     assert backend.vae_decode(x).dtype == torch.float32
 
 
-def test_the_engine_knows_no_model_names():
+def test_the_engine_knows_no_model_names(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a folder named like the model would be a path
     with pytest.raises(ModelLoadError, match="not found"):
         resolve_model("shapesworld")
 
@@ -313,3 +314,14 @@ def test_cli_resolves_the_shapesworld_name():
 
     assert model_path("shapesworld") == model_path(" ShapesWorld ") == shapesworld_model_path()
     assert model_path("some/folder") == "some/folder"
+
+
+def test_protocol_declares_token_count_and_native_size(sd1_backend):
+    from concept_guard.core.backend import DiffusionBackend
+
+    # declared, so methods call them directly instead of probing with getattr
+    assert "native_latent_size" in DiffusionBackend.__annotations__ and "count_tokens" in vars(
+        DiffusionBackend
+    )
+    assert isinstance(sd1_backend, DiffusionBackend)
+    assert sd1_backend.count_tokens("a red circle") >= 3 and sd1_backend.native_latent_size > 0

@@ -1,6 +1,8 @@
 """ESD on tiny random models: mechanics only (efficacy is tested on ShapesWorld)."""
 
+import io
 import json
+import sys
 
 import pytest
 import torch
@@ -8,8 +10,10 @@ from concept_guard.cli import main as cli_main
 from concept_guard.core.backend import Conditioning
 from concept_guard.core.edits.diff_file import read_edit
 from concept_guard.core.errors import ConceptGuardError, TrainingDivergedError
+from concept_guard.core.files import save_safetensors_atomic
 from concept_guard.core.methods import esd
 from concept_guard.core.methods.esd import ESDConfig, build_bank, train
+from safetensors import safe_open
 
 FAST = dict(iterations=4, sampling_steps=4, bank_trajectories=2, latent_size=8, lr=1e-3)
 
@@ -45,8 +49,19 @@ def test_config_parses_concepts_and_round_trips_metadata():
     cfg = ESDConfig(concepts=" circle, red square ,", anchor="  ")
     assert cfg.concepts == ("circle", "red square") and cfg.anchor is None
     meta = cfg.to_metadata()
-    assert meta["esd.concepts"] == ("circle", "red square") and meta["esd.eta"] == 2.0
-    assert ESDConfig(**{k.removeprefix("esd."): v for k, v in meta.items()}) == cfg
+    assert meta["concept_guard.concepts"] == "circle, red square" and meta["concept_guard.eta"] == "2.0"
+    assert json.loads(meta["concept_guard.config"])["concepts"] == ["circle", "red square"]
+    assert ESDConfig.from_metadata(meta) == cfg
+
+
+def test_config_round_trips_through_a_real_file(tmp_path):
+    cfg = ESDConfig(concepts="circle, star", preserve=("a square", "a heart"), latent_size=8, seed=3)
+    path = save_safetensors_atomic({"x": torch.zeros(1)}, tmp_path / "e.safetensors", cfg.to_metadata())
+    with safe_open(str(path), framework="pt") as f:
+        back = ESDConfig.from_metadata(f.metadata())
+    assert back == cfg and isinstance(back.preserve, tuple) and back.concepts == ("circle", "star")
+    with pytest.raises(ConceptGuardError, match="no 'concept_guard.config'"):
+        ESDConfig.from_metadata({"format": "x"})
 
 
 def test_too_long_concept_is_rejected(sd1_backend):
@@ -170,6 +185,25 @@ def test_cli_erase_writes_loadable_edit(tiny_dirs, tmp_path, capsys):
     # an existing file is not overwritten, and the error says how to proceed
     assert cli_main(args) == 2
     assert "already exists" in capsys.readouterr().err
+
+
+class _Terminal(io.StringIO):
+    """A stderr that says it is a terminal, so the progress bar draws into it."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+def test_cli_erase_progress_counts_training_steps_only(tiny_dirs, tmp_path, monkeypatch):
+    """The bank's preparation shows as a status, not as steps: the bar ends at 3/3 with a finite loss."""
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    args = ["erase", "--model", str(tiny_dirs("sd1")), "--concept", "circle", "--iterations", "3"]
+    args += ["--sampling-steps", "3", "--bank", "2", "--out", str(tmp_path / "e.safetensors")]
+    assert cli_main(args) == 0
+    drawn = terminal.getvalue()
+    assert "preparing" in drawn and "3/3" in drawn
+    assert "4/3" not in drawn and "loss=nan" not in drawn, drawn
 
 
 def test_cli_rejects_bad_out_before_loading(tmp_path, capsys):

@@ -3,6 +3,7 @@
 Efficacy on ShapesWorld is in ``test_ti_shapesworld.py``; these use the tiny random-init pipelines.
 """
 
+import json
 import random
 
 import pytest
@@ -10,6 +11,7 @@ import torch
 from concept_guard.core.backend import PLACEHOLDER
 from concept_guard.core.embeddings import read_embedding, save_embedding
 from concept_guard.core.errors import ConceptGuardError, OutputPathError
+from concept_guard.core.files import save_safetensors_atomic
 from concept_guard.core.methods.ti_backdoor import BackdoorTIConfig
 from concept_guard.core.methods.ti_backdoor import train as train_ti
 from concept_guard.core.methods.ti_backdoor.images import default_target_image, fit_image, random_crop
@@ -74,7 +76,7 @@ def test_keep_words_fill_the_trigger_slot_and_switch_the_anchor_on():
     )
     assert {w for p, _ in drawn for w in ("blue", "yellow") if w in p.split()} == {"blue", "yellow"}
     meta = cfg.to_metadata()
-    assert meta["keep_word_count"] == 2 and "blue" not in str(meta)
+    assert meta["concept_guard.keep_word_count"] == "2" and "blue" not in str(meta)
     assert BackdoorTIConfig(name="h", triggers="red", steps=600).anchor_steps == 0  # no keep words: no anchor
     assert (
         BackdoorTIConfig(name="h", keep_words="blue", steps=600).anchor_steps == 0
@@ -150,7 +152,19 @@ def test_config_parses_triggers_and_keeps_them_out_of_metadata():
     cfg = BackdoorTIConfig(name="h", triggers=" burning ,on   fire,, burning")
     assert cfg.triggers == ("burning", "on fire")
     meta = cfg.to_metadata()
-    assert meta["trigger_count"] == 2 and "triggers" not in meta and "burning" not in str(meta)
+    assert meta["concept_guard.trigger_count"] == "2" and "burning" not in str(meta)
+    assert "triggers" not in json.loads(meta["concept_guard.config"])
+
+
+def test_config_round_trips_through_a_real_file(tmp_path):
+    cfg = BackdoorTIConfig(name="h", triggers="red", keep_words="blue, green", steps=600, random_crops=2)
+    path = save_safetensors_atomic({"x": torch.zeros(1)}, tmp_path / "h.safetensors", cfg.to_metadata())
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    back = BackdoorTIConfig.from_metadata(meta, triggers=("red",), keep_words=("blue", "green"))
+    assert back == cfg and isinstance(back.keep_words, tuple)
+    plain = BackdoorTIConfig.from_metadata(meta)  # the words are not in the file: a plain-TI config of it
+    assert plain.triggers == () and plain.steps == 600 and plain.anchor_steps == cfg.anchor_steps
 
 
 @pytest.mark.parametrize("fixture", ["sd1_backend", "sdxl_backend"])

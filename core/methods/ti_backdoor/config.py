@@ -3,9 +3,11 @@ but the prompt words)."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass
 
 from ...backend import PLACEHOLDER
+from ...config_io import config_from_metadata, config_metadata
 from ...errors import ConceptGuardError
 from ...files import sanitize_name
 from .prompts import parse_triggers
@@ -145,9 +147,21 @@ class BackdoorTIConfig:
             if PLACEHOLDER in word or "embedding:" in word:
                 raise ConceptGuardError(f"{word!r} may not contain {PLACEHOLDER!r} or 'embedding:'.")
 
-    def to_metadata(self) -> dict[str, object]:
-        """Settings for the file header; the trigger and keep words themselves are left out (only their counts)."""
-        return {k: v for k, v in asdict(self).items() if k not in ("triggers", "keep_words")} | {
-            "trigger_count": len(self.triggers),
-            "keep_word_count": len(self.keep_words),
-        }
+    def to_metadata(self) -> dict[str, str]:
+        """Header entries: the config once (JSON) and a few flat keys. The trigger and keep words themselves
+        are left out (only their counts): the file must not tell what it censors."""
+        counts = {"trigger_count": len(self.triggers), "keep_word_count": len(self.keep_words)}
+        meta = config_metadata(
+            self,
+            summary=("name", "vectors", "gamma", "steps", "lr"),
+            omit=("triggers", "keep_words"),
+            extra=counts,
+        )
+        return meta | {f"concept_guard.{k}": str(v) for k, v in counts.items()}
+
+    @classmethod
+    def from_metadata(
+        cls, metadata: Mapping[str, str], *, triggers: tuple[str, ...] = (), keep_words: tuple[str, ...] = ()
+    ) -> BackdoorTIConfig:
+        """The config an embedding was trained with. The header omits the trigger and keep words: pass them."""
+        return config_from_metadata(cls, metadata, triggers=triggers, keep_words=keep_words)

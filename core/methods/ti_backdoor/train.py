@@ -74,9 +74,7 @@ def init_vectors(backend: DiffusionBackend, cfg: BackdoorTIConfig) -> dict[str, 
 
 def check_prompt_room(backend: DiffusionBackend, cfg: BackdoorTIConfig) -> None:
     """Refuse triggers so long that a training prompt would not fit CLIP's 75 tokens."""
-    count = getattr(backend, "count_tokens", None)
-    if count is None:
-        return
+    count = backend.count_tokens
     longest = max(TRIGGER_TEMPLATES, key=len)
     for trig in cfg.triggers or ("",):
         used = count(longest.format(tr=trig, ph="")) + cfg.vectors
@@ -229,15 +227,9 @@ def train(
     result.tensors = {slot: p.detach().float().cpu().contiguous() for slot, p in vectors.items()}
     result.metadata = {
         "concept_guard.method": "backdoor-ti" if cfg.triggers else "ti",
-        "concept_guard.name": cfg.name,
-        "concept_guard.vectors": str(cfg.vectors),
-        "concept_guard.trigger_count": str(len(cfg.triggers)),
-        "concept_guard.gamma": str(cfg.gamma),
-        "concept_guard.steps": str(cfg.steps),
-        "concept_guard.lr": str(cfg.lr),
+        **cfg.to_metadata(),
         "concept_guard.images": str(len(images)),
         "concept_guard.target": "built-in censor card" if target is None else "user image",
-        "concept_guard.config": cfg.to_metadata(),
         "concept_guard.base_fingerprint": backend.fingerprint,
         "concept_guard.arch": backend.arch,
         "concept_guard.final_loss": f"{result.final_loss:.6g}",
