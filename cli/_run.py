@@ -48,14 +48,16 @@ def check_out(path: str | Path, overwrite: bool) -> Path:
 
 
 @contextlib.contextmanager
-def step_progress(total: int, desc: str, *, quiet: bool) -> Iterator[StepCallback]:
+def step_progress(desc: str, *, quiet: bool) -> Iterator[StepCallback]:
     """An ``on_step`` callback: ``step == 0`` calls (data preparation) show a "preparing" status on the bar's
     line and are not counted; every training step advances the bar and shows its loss."""
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=total, desc=desc, disable=quiet or not sys.stderr.isatty())
+    bar = tqdm(desc=desc, disable=quiet or not sys.stderr.isatty())
 
     def on_step(step: int, steps: int, loss: float) -> None:
+        if bar.total != steps:
+            bar.total = steps
         if step == 0:
             bar.set_postfix_str("preparing", refresh=True)
             return
@@ -72,7 +74,6 @@ def run_training(
     args: argparse.Namespace,
     *,
     desc: str,
-    total: int,
     train: Callable[[object, StepCallback], TrainResult],
     save: Callable[[TrainResult], Path],
     summary: Callable[[TrainResult], dict[str, object]],
@@ -82,7 +83,7 @@ def run_training(
     with ``--json``, else one line). ``train(backend, on_step)`` trains; ``save(result)`` writes the file."""
     start = time.perf_counter()
     backend = load_backend(args.model, device=args.device, tokenizer=getattr(args, "tokenizer", None))
-    with step_progress(total, desc, quiet=args.json) as on_step:
+    with step_progress(desc, quiet=args.json) as on_step:
         result = train(backend, on_step)
     out = save(result)
     seconds = time.perf_counter() - start

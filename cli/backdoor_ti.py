@@ -164,7 +164,6 @@ def run(args: argparse.Namespace) -> int:
     return run_training(
         args,
         desc="backdoor TI",
-        total=cfg.steps,
         train=lambda backend, on_step: train(cfg, backend, images, target, on_step=on_step),
         save=save,
         summary=lambda r: {"steps": r.iterations, "final_loss": r.final_loss, "triggers": len(cfg.triggers)},

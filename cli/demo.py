@@ -17,8 +17,9 @@ from pathlib import Path
 import torch
 
 from ..core.errors import OutputPathError
+from ..presets import esd_settings
 from ..shapesworld import load_shapesworld, world
-from ..shapesworld.recipes import DEMO_ESD, ERASED_PROMPTS, KEPT_PROMPTS, shapesworld_recipe
+from ..shapesworld.recipes import DEMO_ESD, ERASED_PROMPTS, KEPT_PROMPTS
 
 logger = logging.getLogger(__name__)
 
@@ -48,9 +49,9 @@ def run_demo(
 ) -> dict:
     """Erase ``concept`` from ShapesWorld; write ``no_<concept>.safetensors``, ``before_after.png``, ``report.json``."""
     from ..core.edits.diff_file import attach_edit, save_edit
+    from ..core.grid import labelled_grid
     from ..core.methods.esd import ESDConfig, train
     from ..shapesworld.evaluate import EvalConfig, evaluate
-    from .evaluate import write_grid
 
     out.mkdir(parents=True, exist_ok=True)
     edit_path = out / f"no_{concept}.safetensors"
@@ -59,19 +60,15 @@ def run_demo(
     cfg = EvalConfig(samples=samples, seed=seed)
     start = time.perf_counter()
     before = evaluate(backend, prompts, cfg, model_name="shapesworld", keep_images=True)
-    esd_cfg = ESDConfig(
-        seed=seed,
-        **shapesworld_recipe(concept),
-        **{**DEMO_ESD, **({"iterations": iterations} if iterations else {})},
-    )
+    esd_cfg = ESDConfig(seed=seed, **esd_settings(backend, concept, {"iterations": iterations}))
     result = train(esd_cfg, backend)
     save_edit(result.tensors, edit_path, result.metadata, overwrite=True)
     with attach_edit(backend, result.tensors, 1.0):
         after = evaluate(
             backend, prompts, cfg, model_name="shapesworld", edit=str(edit_path), keep_images=True
         )
-    rows = [f"{p}  [before]" for p in prompts] + [f"{p}  [after]" for p in prompts]
-    write_grid(out / "before_after.png", rows, before.pop("_images") + after.pop("_images"))
+    pairs = [[b[:8], a[:8]] for b, a in zip(before.pop("_images"), after.pop("_images"), strict=True)]
+    labelled_grid(prompts, ["before", f"after (no {concept})"], pairs, tile=64).save(out / "before_after.png")
     report = {
         "concept": concept,
         "edit": str(edit_path),

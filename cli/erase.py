@@ -1,4 +1,8 @@
-"""``concept-guard erase``: ESD for diffusers users (a pipeline folder, a checkpoint file, or ``shapesworld``)."""
+"""``concept-guard erase``: ESD for diffusers users (a pipeline folder, a checkpoint file, or ``shapesworld``).
+
+Settings left out are chosen by model (see :mod:`concept_guard.presets`): the official scripts' values for
+SD1.x/2.x/SDXL, the measured recipe on the bundled ShapesWorld model.
+"""
 
 from __future__ import annotations
 
@@ -10,18 +14,32 @@ from ..core.errors import ConceptGuardError
 from ..core.methods.esd import ESDConfig, train
 from ..core.targets import ESD_METHODS
 from ..core.trainer import TrainResult
+from ..presets import describe, esd_settings
 from ._run import check_out, run_training
 
 logger = logging.getLogger(__name__)
 
+#: Flags whose default is chosen by model (``None`` = auto), with the ESDConfig field each sets.
+_AUTO_FLAGS = {
+    "method": "method",
+    "eta": "eta",
+    "iterations": "iterations",
+    "lr": "lr",
+    "guidance": "guidance",
+    "sampling_steps": "sampling_steps",
+    "bank": "bank_trajectories",
+    "batch_size": "batch_size",
+}
+
 
 def register(sub: argparse._SubParsersAction) -> None:
-    d = ESDConfig(concepts=("x",))
     p = sub.add_parser(
         "erase",
         help="erase a concept from a model's UNet with ESD and write the edit file",
         description="Erase concepts with ESD (Gandikota et al. 2023). Writes the edit as a ComfyUI-loadable "
-        "'diffusion_model.<module>.diff' safetensors file (LoraLoaderModelOnly applies it).",
+        "'diffusion_model.<module>.diff' safetensors file (LoraLoaderModelOnly applies it). Settings not given "
+        "are chosen by model: the official scripts' values for SD1.x/2.x/SDXL, the measured recipe on "
+        "'shapesworld'.",
     )
     p.add_argument(
         "--model",
@@ -37,21 +55,24 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--anchor", default=None, help="'erase to' concept (default: none, push away from the concept)"
     )
-    p.add_argument("--method", default=d.method, choices=sorted(ESD_METHODS))
     p.add_argument(
-        "--eta", type=float, default=d.eta, help=f"negative guidance, concept-anchored form (default {d.eta})"
-    )
-    p.add_argument("--iterations", type=int, default=d.iterations)
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--guidance", type=float, default=d.guidance, help="CFG scale used to sample x_t")
-    p.add_argument(
-        "--sampling-steps", type=int, default=d.sampling_steps, help="DDIM steps of the x_t trajectories"
+        "--erase-from",
+        default="",
+        help="comma-separated prompts to erase the concept from (default: the concepts)",
     )
     p.add_argument(
-        "--bank", type=int, default=d.bank_trajectories, help="trajectories per concept in the x_t bank"
+        "--preserve", default="", help="comma-separated prompts whose images must not change (default: none)"
     )
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--seed", type=int, default=d.seed)
+    auto = p.add_argument_group("training settings (default: chosen by model)")
+    auto.add_argument("--method", default=None, choices=sorted(ESD_METHODS))
+    auto.add_argument("--eta", type=float, default=None, help="negative guidance, concept-anchored form")
+    auto.add_argument("--iterations", type=int, default=None)
+    auto.add_argument("--lr", type=float, default=None)
+    auto.add_argument("--guidance", type=float, default=None, help="CFG scale used to sample x_t")
+    auto.add_argument("--sampling-steps", type=int, default=None, help="DDIM steps of the x_t trajectories")
+    auto.add_argument("--bank", type=int, default=None, help="trajectories per concept in the x_t bank")
+    auto.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cuda, cpu, … (default: cuda if available)")
     p.add_argument("--out", required=True, help="output .safetensors path")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
@@ -65,19 +86,15 @@ def run(args: argparse.Namespace) -> int:
     from ..core.edits.diff_file import save_edit
 
     out = check_out(args.out, args.overwrite)  # fail before any expensive work
-    cfg = ESDConfig(
-        concepts=args.concept,
-        method=args.method,
-        anchor=args.anchor,
-        eta=args.eta,
-        iterations=args.iterations,
-        lr=args.lr,
-        guidance=args.guidance,
-        sampling_steps=args.sampling_steps,
-        bank_trajectories=args.bank,
-        batch_size=args.batch_size,
-        seed=args.seed,
-    )
+    given = {field: getattr(args, flag) for flag, field in _AUTO_FLAGS.items()}
+    given |= {"erase_from": args.erase_from, "preserve": args.preserve}
+    extra = {"anchor": args.anchor, "seed": args.seed}
+    ESDConfig(concepts=args.concept, **extra, **{k: v for k, v in given.items() if v})  # bad values: fail now
+
+    def train_edit(backend, on_step) -> TrainResult:
+        settings = esd_settings(backend, args.concept, given)
+        logger.info("ESD settings for %s", describe(backend, settings, tuple(_AUTO_FLAGS.values())))
+        return train(ESDConfig(**settings, **extra), backend, on_step=on_step)
 
     def save(result: TrainResult) -> Path:
         if not result.tensors:
@@ -88,8 +105,7 @@ def run(args: argparse.Namespace) -> int:
     return run_training(
         args,
         desc="ESD",
-        total=cfg.iterations,
-        train=lambda backend, on_step: train(cfg, backend, on_step=on_step),
+        train=train_edit,
         save=save,
         summary=lambda r: {"iterations": r.iterations, "final_loss": r.final_loss},
         message=lambda r, out, s: (

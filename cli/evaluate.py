@@ -8,17 +8,15 @@ import json
 import logging
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image, ImageDraw
 
 from ..core.errors import OutputPathError
+from ..core.grid import labelled_grid
 from ._run import load_backend
 
 logger = logging.getLogger(__name__)
 
 GRID_COLUMNS = 8
-_LABEL_W = 260
 
 
 def _cell(rates: dict, head: str, named: str | None) -> str:
@@ -49,20 +47,9 @@ def format_table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def write_grid(path: Path, prompts: list[str], images: list[torch.Tensor], *, scale: int = 2) -> Path:
+def write_grid(path: Path, prompts: list[str], images: list[torch.Tensor]) -> Path:
     """A PNG with one row per prompt (its text on the left) and up to 8 samples per row."""
-    side = images[0].shape[-1] * scale
-    cols = min(GRID_COLUMNS, max(len(x) for x in images))
-    canvas = Image.new("RGB", (_LABEL_W + cols * (side + 2), len(prompts) * (side + 2)), (255, 255, 255))
-    draw = ImageDraw.Draw(canvas)
-    for r, (prompt, imgs) in enumerate(zip(prompts, images, strict=True)):
-        y = r * (side + 2)
-        draw.text((4, y + side // 2 - 6), prompt[:40], fill=(0, 0, 0))
-        arr = (imgs[:cols].clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-        for c, img in enumerate(arr):
-            tile = Image.fromarray(np.ascontiguousarray(img)).resize((side, side), Image.NEAREST)
-            canvas.paste(tile, (_LABEL_W + c * (side + 2), y))
-    canvas.save(path)
+    labelled_grid(prompts, ["samples"], [[x[:GRID_COLUMNS]] for x in images], tile=64).save(path)
     return path
 
 

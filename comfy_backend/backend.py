@@ -99,7 +99,8 @@ class ComfyBackend:
         self.vae = vae
         base = self.patcher.model
         self.arch = detect_arch(base)
-        self.native_latent_size = NATIVE_LATENT[self.arch]
+        # Stock configs do not say the training size: the family's, unless the model says (ShapesWorld does).
+        self.native_latent_size = getattr(base.model_config, "native_latent_size", NATIVE_LATENT[self.arch])
         self.prediction_type = prediction_type(self._model_sampling())
         self.device = torch.device(self.patcher.load_device)
         self.dtype = base.manual_cast_dtype or base.get_dtype()

@@ -9,11 +9,21 @@ from __future__ import annotations
 from ._api import CATEGORY, ComfyExtension, io
 from .apply_edit import ApplyEditedUNet
 from .backdoor_ti import BackdoorTIEmbedding
+from .compare import CompareModels
 from .convert_edit import ConvertEdit
 from .esd import EraseConceptESD
+from .shapesworld import LoadShapesWorld, ShapesWorldJudge
 
 #: Every node class the pack registers (V3 ``io.ComfyNode`` subclasses).
-NODE_CLASSES: list[type[io.ComfyNode]] = [EraseConceptESD, BackdoorTIEmbedding, ApplyEditedUNet, ConvertEdit]
+NODE_CLASSES: list[type[io.ComfyNode]] = [
+    EraseConceptESD,
+    BackdoorTIEmbedding,
+    ApplyEditedUNet,
+    ConvertEdit,
+    CompareModels,
+    LoadShapesWorld,
+    ShapesWorldJudge,
+]
 
 
 class ConceptGuardExtension(ComfyExtension):

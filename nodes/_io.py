@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import comfy.model_management
@@ -56,6 +57,16 @@ def progress_callback(total: int, node_id: str | None = None) -> StepCallback:
         _send({"node": node_id, "step": step, "total": steps, "loss": loss})
 
     return on_step
+
+
+def phase_callback(node_id: str | None = None) -> Callable[[str], None]:
+    """Phase events ("sampling the frozen model's trajectories", "training", …) for the node's status line;
+    the first one of a run also clears what an earlier run left there."""
+
+    def on_phase(phase: str) -> None:
+        _send({"node": node_id, "phase": phase})
+
+    return on_phase
 
 
 def _send(event: dict) -> None:

@@ -8,10 +8,17 @@ from ..core.edits.diff_file import EDIT_DTYPE, save_edit
 from ..core.errors import ConceptGuardError
 from ..core.methods.esd import ESDConfig, parse_concepts, train
 from ..core.targets import ESD_METHODS
+from ..presets import AUTO, ESD_DEFAULTS, describe, esd_settings
 from ._api import CATEGORY, io
-from ._io import edit_output_path, progress_callback
+from ._io import edit_output_path, phase_callback, progress_callback
 
-_D = ESDConfig(concepts=("x",))
+#: Settings the node reports after a run.
+_REPORTED = ("method", "eta", "iterations", "lr", "guidance", "sampling_steps")
+#: "0 = auto" hints: the value per model family.
+_AUTO_HINT = {
+    key: ", ".join(f"{family} {values[key]}" for family, values in ESD_DEFAULTS.items() if family != "sd2")
+    for key in _REPORTED
+}
 
 
 class EraseConceptESD(io.ComfyNode):
@@ -33,10 +40,11 @@ class EraseConceptESD(io.ComfyNode):
                 ),
                 io.Combo.Input(
                     "method",
-                    options=sorted(ESD_METHODS),
-                    default=_D.method,
-                    tooltip="esd-x: cross-attention (specific, styles/objects); esd-u: all but cross-attention "
-                    "(global concepts); esd-x-strict: attn2 to_k/to_v only; esd-selfattn; esd-all.",
+                    options=[AUTO, *sorted(ESD_METHODS)],
+                    default=AUTO,
+                    tooltip="auto: by model (esd-x for SD1.x/2.x/SDXL, esd-x-strict on ShapesWorld). esd-x: "
+                    "cross-attention (specific, styles/objects); esd-u: all but cross-attention (global "
+                    "concepts); esd-x-strict: attn2 to_k/to_v only; esd-selfattn; esd-all.",
                 ),
                 io.String.Input(
                     "anchor",
@@ -45,17 +53,32 @@ class EraseConceptESD(io.ComfyNode):
                 ),
                 io.Float.Input(
                     "eta",
-                    default=_D.eta,
+                    default=0.0,
                     min=0.0,
                     max=20.0,
                     step=0.1,
-                    tooltip="Negative guidance (concept-anchored form: 2.0 equals the paper's 1.0).",
+                    tooltip="Negative guidance (concept-anchored form: 2.0 equals the paper's 1.0). "
+                    f"0 = auto ({_AUTO_HINT['eta']}).",
                 ),
-                io.Int.Input("iterations", default=_D.iterations, min=1, max=100000),
-                io.Float.Input("lr", default=_D.lr, min=1e-7, max=1e-2, step=1e-6, round=1e-8),
+                io.Int.Input(
+                    "iterations",
+                    default=0,
+                    min=0,
+                    max=100000,
+                    tooltip=f"Training steps; 0 = auto ({_AUTO_HINT['iterations']}).",
+                ),
+                io.Float.Input(
+                    "lr",
+                    default=0.0,
+                    min=0.0,
+                    max=1e-2,
+                    step=1e-6,
+                    round=1e-8,
+                    tooltip=f"Learning rate; 0 = auto ({_AUTO_HINT['lr']}).",
+                ),
                 io.Int.Input(
                     "seed",
-                    default=_D.seed,
+                    default=0,
                     min=0,
                     max=2**31 - 1,
                     control_after_generate=False,
@@ -75,14 +98,21 @@ class EraseConceptESD(io.ComfyNode):
                 ),
                 io.Float.Input(
                     "guidance",
-                    default=_D.guidance,
+                    default=0.0,
                     min=0.0,
                     max=30.0,
                     step=0.5,
                     optional=True,
-                    tooltip="CFG scale used to sample the x_t the edit trains on.",
+                    tooltip=f"CFG scale used to sample the x_t the edit trains on; 0 = auto ({_AUTO_HINT['guidance']}).",
                 ),
-                io.Int.Input("sampling_steps", default=_D.sampling_steps, min=2, max=1000, optional=True),
+                io.Int.Input(
+                    "sampling_steps",
+                    default=0,
+                    min=0,
+                    max=1000,
+                    optional=True,
+                    tooltip=f"DDIM steps of the x_t trajectories; 0 = auto ({_AUTO_HINT['sampling_steps']}).",
+                ),
                 io.Int.Input(
                     "resolution",
                     default=0,
@@ -100,8 +130,26 @@ class EraseConceptESD(io.ComfyNode):
                     tooltip="Gradient checkpointing: recompute UNet blocks in backward (~1 extra forward "
                     "per step) to keep peak memory near the model's own size.",
                 ),
+                io.String.Input(
+                    "erase_from",
+                    default="",
+                    optional=True,
+                    tooltip="Prompts to erase the concept from, comma-separated (e.g. 'a red circle, a blue "
+                    "circle'); empty = the concepts themselves (on ShapesWorld: the concept in every colour).",
+                ),
+                io.String.Input(
+                    "preserve",
+                    default="",
+                    optional=True,
+                    tooltip="Prompts whose images must not change, comma-separated (e.g. 'a square, a star'); "
+                    "empty = none (on ShapesWorld: every other shape in every colour).",
+                ),
             ],
-            outputs=[io.Model.Output(display_name="MODEL"), io.String.Output(display_name="path")],
+            outputs=[
+                io.Model.Output(display_name="MODEL"),
+                io.String.Output(display_name="path"),
+                io.String.Output(display_name="report"),
+            ],
             hidden=[io.Hidden.unique_id],
         )
 
@@ -127,30 +175,34 @@ class EraseConceptESD(io.ComfyNode):
         seed: int,
         file_name: str,
         overwrite: bool = False,
-        guidance: float = _D.guidance,
-        sampling_steps: int = _D.sampling_steps,
+        guidance: float = 0.0,
+        sampling_steps: int = 0,
         resolution: int = 0,
         low_memory: bool = True,
+        erase_from: str = "",
+        preserve: str = "",
     ) -> io.NodeOutput:
-        cfg = ESDConfig(
-            concepts=concepts,
-            method=method,
-            anchor=anchor or None,
-            eta=eta,
-            iterations=iterations,
-            lr=lr,
-            seed=seed,
-            guidance=guidance,
-            sampling_steps=sampling_steps,
-            latent_size=resolution // 8 if resolution else None,
-        )
         path = edit_output_path(file_name, overwrite=overwrite)
         backend = ComfyBackend(model, clip)
+        given = {
+            "method": None if method == AUTO else method,
+            "eta": eta or None,
+            "iterations": iterations or None,
+            "lr": lr or None,
+            "guidance": guidance or None,
+            "sampling_steps": sampling_steps or None,
+            "erase_from": erase_from,
+            "preserve": preserve,
+        }
+        settings = esd_settings(backend, concepts, given)
+        cfg = ESDConfig(
+            **settings, anchor=anchor or None, seed=seed, latent_size=resolution // 8 if resolution else None
+        )
+        report = describe(backend, settings, _REPORTED)
         with backend.training(checkpointing=low_memory):
-            node_id = (
-                cls.hidden.unique_id if cls.hidden is not None else None
-            )  # None when called outside a graph
-            result = train(cfg, backend, on_step=progress_callback(cfg.iterations, node_id))
+            node_id = cls.hidden.unique_id if cls.hidden is not None else None  # None outside a graph
+            on_step, on_phase = progress_callback(cfg.iterations, node_id), phase_callback(node_id)
+            result = train(cfg, backend, on_step=on_step, on_phase=on_phase)
         if not result.tensors:
             raise ConceptGuardError("ESD produced no deltas; nothing was applied or written.")
         # The MODEL gets exactly what the file holds (fp16 deltas), so applying the file reproduces it.
@@ -158,4 +210,5 @@ class EraseConceptESD(io.ComfyNode):
         edited = make_patched_model(model, deltas, 1.0)
         if path is not None:
             save_edit(deltas, path, result.metadata, dtype=EDIT_DTYPE, overwrite=overwrite)
-        return io.NodeOutput(edited, str(path) if path else "")
+        report += f"\nfinal loss {result.final_loss:.4g}" + (f"\nsaved {path}" if path else "")
+        return io.NodeOutput(edited, str(path) if path else "", report)

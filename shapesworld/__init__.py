@@ -6,6 +6,8 @@ backdoor) is measured on this model with the judge. See ``world.py``, ``train.py
 
 from __future__ import annotations
 
+import functools
+import json
 from pathlib import Path
 
 ASSETS = Path(__file__).resolve().parent / "assets"
@@ -21,6 +23,20 @@ def shapesworld_judge_path() -> Path:
     return ASSETS / "judge.safetensors"
 
 
+@functools.cache
+def shapesworld_fingerprint() -> str:
+    """The bundled UNet's weights fingerprint (what ``backend.fingerprint`` reports for it on every backend)."""
+    from safetensors.torch import load_file
+
+    from ..core.fingerprint import weights_fingerprint
+    from ..core.unet.keymap import UNetKeyMap
+
+    unet = ASSETS / "model" / "unet"
+    keymap = UNetKeyMap(json.loads((unet / "config.json").read_text()))
+    weights = load_file(str(unet / "diffusion_pytorch_model.safetensors"))
+    return weights_fingerprint((keymap.to_ldm(k), v) for k, v in weights.items())
+
+
 def load_shapesworld(*, device: str = "cpu"):
     """The bundled model as a :class:`~concept_guard.core.backends.diffusers_backend.DiffusersBackend`."""
     from ..core.backends.diffusers_backend import DiffusersBackend
@@ -28,4 +44,4 @@ def load_shapesworld(*, device: str = "cpu"):
     return DiffusersBackend.load(shapesworld_model_path(), device=device)
 
 
-__all__ = ["load_shapesworld", "shapesworld_model_path", "shapesworld_judge_path"]
+__all__ = ["load_shapesworld", "shapesworld_fingerprint", "shapesworld_judge_path", "shapesworld_model_path"]

@@ -111,16 +111,18 @@ def test_schema_validates_with_display_name_and_category():
     ids = [i.id for i in schema.inputs]
     assert ids[:2] == ["model", "clip"]
     assert {"concepts", "method", "anchor", "eta", "iterations", "lr", "seed", "file_name"} <= set(ids)
-    assert [o.io_type for o in schema.outputs] == ["MODEL", "STRING"]
+    assert [o.io_type for o in schema.outputs] == ["MODEL", "STRING", "STRING"]
     info = EraseConceptESD.INPUT_TYPES()  # the V1 view ComfyUI serves in /object_info
-    assert "esd-x" in info["required"]["method"][1]["options"] and "resolution" in info["optional"]
+    assert {"auto", "esd-x"} <= set(info["required"]["method"][1]["options"]) and "resolution" in info[
+        "optional"
+    ]
     # No "control after generate" widget: the frontend would otherwise re-seed (= retrain) on every queue.
     assert info["required"]["seed"][1]["control_after_generate"] is False
 
 
 def test_output_model_is_edited_chains_into_ksampler_and_input_is_bit_identical(model, clip, loras_dir):
     sha_before, eps_before = weights_sha(model), probe_eps(model, clip)
-    edited, path = run_node(model, clip)
+    edited, path, _ = run_node(model, clip)
     assert path == "" and files_in(loras_dir) == []  # empty file name: nothing written
     assert weights_sha(model) == sha_before  # checked before anything loads the output MODEL
     assert not model.patches and not model.weight_wrapper_patches
@@ -141,7 +143,7 @@ def test_output_model_is_edited_chains_into_ksampler_and_input_is_bit_identical(
 
 
 def test_saved_file_has_diff_keys_metadata_and_loads_through_lora_loader(model, clip, loras_dir):
-    edited, path = run_node(model, clip, concepts="a red circle, a star", file_name="no_circles")
+    edited, path, _ = run_node(model, clip, concepts="a red circle, a star", file_name="no_circles")
     assert Path(path) == loras_dir / "concept_guard" / "no_circles.safetensors"
     assert files_in(loras_dir) == ["concept_guard/no_circles.safetensors"]  # no temp file left behind
     with safe_open(path, framework="pt") as f:
@@ -179,12 +181,12 @@ def test_saved_file_has_diff_keys_metadata_and_loads_through_lora_loader(model, 
 
 
 def test_existing_file_is_an_error_unless_overwrite(model, clip, loras_dir):
-    _, path = run_node(model, clip, file_name="edit", seed=1)
+    _, path, _ = run_node(model, clip, file_name="edit", seed=1)
     before = Path(path).read_bytes()
     with pytest.raises(OutputPathError, match="already exists.*overwrite"):
         run_node(model, clip, file_name="edit.safetensors", seed=2)
     assert Path(path).read_bytes() == before and files_in(loras_dir) == ["concept_guard/edit.safetensors"]
-    _, again = run_node(model, clip, file_name="edit", seed=2, overwrite=True)
+    _, again, _ = run_node(model, clip, file_name="edit", seed=2, overwrite=True)
     assert again == path and Path(path).read_bytes() != before
     assert json.loads(read_edit(path)[1]["concept_guard.config"])["seed"] == 2
 
@@ -250,7 +252,7 @@ def test_nan_loss_raises_diverged_and_writes_nothing(model, clip, loras_dir):
 
 def test_execute_works_outside_a_graph(model, clip, loras_dir):
     assert EraseConceptESD.hidden is None  # no executor filled the hidden inputs (unique_id)
-    edited, path = run_node(model, clip, in_graph=False, iterations=1)
+    edited, path, _ = run_node(model, clip, in_graph=False, iterations=1)
     assert path == "" and edited.patches
 
 
@@ -263,7 +265,7 @@ def test_sdxl_and_vprediction_models_train(kind, clip, loras_dir):
         model = build_tiny_model("v", seed=3)
     lively_(model.model.diffusion_model, 4)
     sha_before, eps_before = weights_sha(model), probe_eps(model, clip)
-    edited, path = run_node(model, clip, file_name=f"edit_{kind}")
+    edited, path, _ = run_node(model, clip, file_name=f"edit_{kind}")
     deltas, meta = read_edit(path)
     assert meta["concept_guard.arch"] == ("sdxl" if kind == "sdxl" else "sd2")
     assert deltas and all(".attn2." in k for k in deltas)

@@ -225,7 +225,7 @@ def post_prompt(server, prompt: dict) -> tuple[int, dict]:
     ("workflow", "node", "inputs", "kind"),
     [
         ("esd_erase_and_sample.json", ESD, {"guidance": 1000.0}, "value_bigger_than_max"),
-        ("esd_erase_and_sample.json", ESD, {"iterations": 0}, "value_smaller_than_min"),
+        ("esd_erase_and_sample.json", ESD, {"iterations": -1}, "value_smaller_than_min"),
         ("backdoor_ti_embedding.json", TI, {"batch_size": 0}, "value_smaller_than_min"),
     ],
 )

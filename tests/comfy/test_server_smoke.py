@@ -23,6 +23,9 @@ EXPECTED_NODE_IDS = {
     "ConceptGuardBackdoorTI",
     "ConceptGuardApplyEditedUNet",
     "ConceptGuardConvertEdit",
+    "ConceptGuardCompareModels",
+    "ConceptGuardLoadShapesWorld",
+    "ConceptGuardShapesWorldJudge",
 }
 
 

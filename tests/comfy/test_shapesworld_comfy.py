@@ -19,6 +19,7 @@ from concept_guard.core.backends.diffusers_backend import DiffusersBackend
 from concept_guard.core.edits.diff_file import read_edit
 from concept_guard.core.methods.esd import ESDConfig, train
 from concept_guard.nodes.esd import EraseConceptESD
+from concept_guard.presets import esd_settings
 from concept_guard.shapesworld.judge import load_judge
 from shapesworld_comfy import MODEL_ENV, load_shapesworld_comfy, shapesworld_folder
 
@@ -157,7 +158,10 @@ def test_esd_node_on_the_converted_model_makes_the_diffusers_edit(
             **settings,
         )  # 32-px ShapesWorld images = 8×8 latents
     deltas, meta = read_edit(tmp_path / "concept_guard" / "sw_circle.safetensors")
-    expected = train(ESDConfig(**settings, latent_size=8), diffusers_backend)
+    # both hosts fill the settings left on auto from the same ShapesWorld recipe
+    given = {k: v for k, v in settings.items() if k not in ("concepts", "seed")} | {"method": "esd-x"}
+    auto = esd_settings(diffusers_backend, "circle", given)
+    expected = train(ESDConfig(**auto, seed=3, latent_size=8), diffusers_backend)
     assert meta["concept_guard.base_fingerprint"] == expected.metadata["concept_guard.base_fingerprint"]
     assert set(deltas) == set(expected.tensors)
     assert max(v.abs().max() for v in expected.tensors.values()) > 1e-4

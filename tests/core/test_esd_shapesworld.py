@@ -13,6 +13,7 @@ import pytest
 import torch
 from concept_guard.core.edits.diff_file import attach_edit
 from concept_guard.core.methods.esd import ESDConfig, train
+from concept_guard.presets import esd_settings
 from concept_guard.shapesworld import load_shapesworld, shapesworld_model_path, world
 from concept_guard.shapesworld.recipes import (
     DEMO_ESD,
@@ -32,6 +33,13 @@ pytestmark = pytest.mark.skipif(
 SAMPLES = 24
 # Evaluation prompts use templates (styles, backgrounds) that the training prompts of the recipes do not.
 CIRCLE_PROMPTS = ERASED_PROMPTS["circle"]
+# Circle prompts in wordings that neither the recipe nor CIRCLE_PROMPTS use (a synonym, no colour, filler words).
+HELD_OUT_CIRCLE = (
+    "a green disc",
+    "a circle",
+    "a photo of a purple circle",
+    "a simple yellow circle, high quality",
+)
 OTHER_SHAPES = KEPT_PROMPTS
 # GRID: every shape in every colour once (25 prompts x 32 samples, seed 500 + index).
 
@@ -116,15 +124,20 @@ def test_esd_x_strict_erases_circle_and_preserves_other_shapes_and_colours(backe
     before_o, before_col = named_rates(before_others, "shape"), named_rates(before_others, "colour")
     assert mean(before_c) >= 0.9, before_c
 
-    result = train(ESDConfig(seed=0, **shapesworld_recipe("circle"), **DEMO_ESD), backend)
+    settings = esd_settings(backend, "circle", {})  # what a user gets with every setting on auto
+    assert ESDConfig(**settings) == ESDConfig(**shapesworld_recipe("circle"), **DEMO_ESD)
+    result = train(ESDConfig(seed=0, **settings), backend)
     with attach_edit(backend, result.tensors, 0.5):  # the "erasure dial" of Apply Edited UNet
         half_c = rates(backend, judge, CIRCLE_PROMPTS, "shape", shape_of)
     with attach_edit(backend, result.tensors, 1.0):
         after_c = rates(backend, judge, CIRCLE_PROMPTS, "shape", shape_of)
         after_others = judged(backend, judge, OTHER_SHAPES)
+        held_out_c = rates(backend, judge, HELD_OUT_CIRCLE, "shape", lambda p: "circle")
     after_o, after_col = named_rates(after_others, "shape"), named_rates(after_others, "colour")
     print({"circle": (before_c, after_c), "others": (before_o, after_o), "colours": (before_col, after_col)})
+    print({"held-out circle prompts": held_out_c})
     assert mean(after_c) <= 0.10, after_c
+    assert mean(held_out_c) <= 0.20, held_out_c  # wordings no recipe prompt uses
     print({"dial": (mean(before_c), mean(half_c), mean(after_c))})
     assert mean(before_c) > mean(half_c) > mean(after_c), half_c  # measured 0.98 > 0.82 > 0.04
     # Per prompt (24 samples) bounds that guard what we have (measured at worst: shape 2/24 on "a yellow

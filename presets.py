@@ -1,0 +1,63 @@
+"""Model-aware defaults: the settings a method uses when the user leaves them on "auto".
+
+Each family gets the values its official training scripts use, and the bundled ShapesWorld demo model (recognised
+by its weights' fingerprint) gets the recipe measured on it (docs/results.md), so that the defaults a user sees
+work on the model in hand:
+
+- SD1.x / SD2.x: the official ESD 2025 SD script: esd-x, η 2 (concept-anchored; the paper's 1), 200 steps,
+  lr 5e-5, x_t sampled with CFG 3 over 50 DDIM steps.
+- SDXL: the official ESD 2025 SDXL script: η 1, lr 2e-4, CFG 2, 200 steps.
+- ShapesWorld: attn2 to_k/to_v (esd-x-strict), η 3, 400 steps, lr 3e-3, CFG 5, and for a shape or style the
+  concept erased from its prompts in every colour while the other shapes and colours are held in place.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from .core.backend import DiffusionBackend
+from .core.methods.esd import parse_concepts
+from .shapesworld import shapesworld_fingerprint
+from .shapesworld.recipes import DEMO_ESD, shapesworld_recipe
+
+#: What a node shows for a setting chosen by model (numbers use 0, methods this word).
+AUTO = "auto"
+FAMILY_NAMES = {"sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL", "shapesworld": "ShapesWorld (demo model)"}
+
+_SD = dict(method="esd-x", eta=2.0, iterations=200, lr=5e-5, guidance=3.0, sampling_steps=50)
+ESD_DEFAULTS: dict[str, dict[str, object]] = {
+    "sd1": _SD,
+    "sd2": _SD,
+    "sdxl": {**_SD, "eta": 1.0, "lr": 2e-4, "guidance": 2.0},
+    "shapesworld": dict(DEMO_ESD),
+}
+
+
+def model_family(backend: DiffusionBackend) -> str:
+    """``"shapesworld"`` for the bundled demo model, else the backend's architecture (``sd1``/``sd2``/``sdxl``)."""
+    if backend.arch == "sd1" and backend.fingerprint == shapesworld_fingerprint():
+        return "shapesworld"
+    return backend.arch
+
+
+def esd_settings(backend: DiffusionBackend, concepts: str, given: Mapping[str, object]) -> dict[str, object]:
+    """``ESDConfig`` keyword arguments: the ``given`` values, with every ``None`` (auto) filled in from the
+    model family's defaults. On ShapesWorld a single shape or style also gets the recipe's prompts
+    (``erase_from``, ``preserve``) unless the user gave their own."""
+    family = model_family(backend)
+    settings: dict[str, object] = {"concepts": concepts}
+    names = parse_concepts(concepts)
+    if family == "shapesworld" and len(names) == 1:
+        settings.update(shapesworld_recipe(names[0].removeprefix("a ").removeprefix("an ")))
+    for key, value in ESD_DEFAULTS[family].items():
+        settings[key] = value
+    for key, value in given.items():
+        if value is not None and value != "" and value != ():
+            settings[key] = value
+    return settings
+
+
+def describe(backend: DiffusionBackend, settings: Mapping[str, object], keys: tuple[str, ...]) -> str:
+    """One line naming the family and the settings in effect, for logs and node reports."""
+    values = ", ".join(f"{k} {settings[k]}" for k in keys if k in settings)
+    return f"{FAMILY_NAMES[model_family(backend)]}: {values}"

@@ -1,0 +1,139 @@
+"""Write the ShapesWorld example workflows (example_workflows/shapesworld_*.json) in the frontend's graph format.
+
+Run: python scripts/make_shapesworld_workflows.py
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+OUT = Path(__file__).resolve().parents[1] / "example_workflows"
+# ESD widgets: concepts, method, anchor, eta, iterations, lr, seed, file_name, overwrite, guidance,
+# sampling_steps, resolution, low_memory, erase_from, preserve (0 / "auto" = chosen by model).
+ESD_AUTO = ["circle", "auto", "", 0.0, 0, 0.0, 0, "", False, 0.0, 0, 0, True, "", ""]
+PROMPT = "a red circle on a white background, a blue square"
+
+
+class Graph:
+    def __init__(self) -> None:
+        self.nodes: list[dict] = []
+        self.links: list[list] = []
+
+    def node(
+        self, kind: str, pos: tuple[int, int], widgets: list, outputs: list[tuple[str, str]], size=(300, 120)
+    ):
+        node = {
+            "id": len(self.nodes) + 1,
+            "type": kind,
+            "pos": list(pos),
+            "size": list(size),
+            "flags": {},
+            "order": len(self.nodes),
+            "mode": 0,
+            "inputs": [],
+            "outputs": [
+                {"name": name, "type": kind_, "slot_index": i, "links": None}
+                for i, (name, kind_) in enumerate(outputs)
+            ],
+            "properties": {"Node name for S&R": kind},
+            "widgets_values": widgets,
+        }
+        self.nodes.append(node)
+        return node["id"]
+
+    def link(self, src: int, slot: int, dst: int, name: str) -> None:
+        source, target = self.nodes[src - 1], self.nodes[dst - 1]
+        kind = source["outputs"][slot]["type"]
+        link_id = len(self.links) + 1
+        target["inputs"].append({"name": name, "type": kind, "link": link_id})
+        source["outputs"][slot]["links"] = [*(source["outputs"][slot]["links"] or []), link_id]
+        self.links.append([link_id, src, slot, dst, len(target["inputs"]) - 1, kind])
+
+    def save(self, name: str) -> None:
+        graph = {
+            "last_node_id": len(self.nodes),
+            "last_link_id": len(self.links),
+            "nodes": self.nodes,
+            "links": self.links,
+            "groups": [],
+            "config": {},
+            "extra": {"ds": {"scale": 0.8, "offset": [40, 40]}},
+            "version": 0.4,
+        }
+        (OUT / name).write_text(json.dumps(graph, indent=2) + "\n")
+
+
+def sample_and_judge(
+    g: Graph, model: int, pos_cond: int, neg_cond: int, latent: int, vae: int, y: int, title: str
+):
+    sampler = g.node(
+        "KSampler",
+        (1100, y),
+        [7, "fixed", 20, 5.0, "ddim", "normal", 1.0],
+        [("LATENT", "LATENT")],
+        (300, 262),
+    )
+    g.link(model, 0, sampler, "model")
+    g.link(pos_cond, 0, sampler, "positive")
+    g.link(neg_cond, 0, sampler, "negative")
+    g.link(latent, 0, sampler, "latent_image")
+    decode = g.node("VAEDecode", (1440, y), [], [("IMAGE", "IMAGE")], (200, 50))
+    g.link(sampler, 0, decode, "samples")
+    g.link(vae, 2, decode, "vae")
+    preview = g.node("PreviewImage", (1680, y), [], [], (260, 260))
+    g.link(decode, 0, preview, "images")
+    judge = g.node(
+        "ConceptGuardShapesWorldJudge",
+        (1440, y + 120),
+        ["circle"],
+        [("table", "STRING"), ("rate", "FLOAT")],
+        (300, 150),
+    )
+    g.link(decode, 0, judge, "images")
+    g.nodes[judge - 1]["title"] = f"ShapesWorld Judge ({title})"
+
+
+def erase_workflow() -> None:
+    g = Graph()
+    load = g.node(
+        "ConceptGuardLoadShapesWorld", (0, 200), [], [("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")]
+    )
+    esd = g.node(
+        "ConceptGuardEraseESD",
+        (360, 0),
+        ESD_AUTO,
+        [("MODEL", "MODEL"), ("path", "STRING"), ("report", "STRING")],
+        (360, 470),
+    )
+    g.link(load, 0, esd, "model")
+    g.link(load, 1, esd, "clip")
+    pos = g.node(
+        "CLIPTextEncode", (760, 0), ["a red circle on a white background"], [("CONDITIONING", "CONDITIONING")]
+    )
+    g.link(load, 1, pos, "clip")
+    neg = g.node("CLIPTextEncode", (760, 200), [""], [("CONDITIONING", "CONDITIONING")])
+    g.link(load, 1, neg, "clip")
+    latent = g.node("EmptyLatentImage", (760, 400), [64, 64, 16], [("LATENT", "LATENT")])
+    sample_and_judge(g, load, pos, neg, latent, load, 0, "before")
+    sample_and_judge(g, esd, pos, neg, latent, load, 420, "after")
+    report = g.node("PreviewAny", (760, 560), [], [], (300, 150))
+    g.link(esd, 2, report, "source")
+    g.node(
+        "MarkdownNote",
+        (0, 420),
+        [
+            "### Erase a shape from the demo model\n\n**Load ShapesWorld** gives a tiny SD1.x-architecture model "
+            "(32-px images of coloured shapes; no download). **Erase Concept (ESD)** erases `circle` with the "
+            "settings chosen for this model (all on auto), in about a minute on CPU. The two KSamplers use the "
+            "same seed: above the base model, below the erased one; each **ShapesWorld Judge** counts circles.\n\n"
+            "Use a 64×64 EmptyLatentImage with this model (its VAE scales by 4)."
+        ],
+        [],
+        (320, 260),
+    )
+    g.save("shapesworld_erase.json")
+
+
+if __name__ == "__main__":
+    erase_workflow()

@@ -1,0 +1,68 @@
+"""The demo nodes: Load ShapesWorld, ShapesWorld Judge, Compare Models — on ComfyUI's own classes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from concept_guard.comfy_backend.backend import ComfyBackend
+from concept_guard.comfy_backend.compare import sample_models
+from concept_guard.core.errors import ConceptGuardError
+from concept_guard.core.grid import grid_tensor, labelled_grid
+from concept_guard.nodes.compare import CompareModels
+from concept_guard.nodes.shapesworld import LoadShapesWorld, ShapesWorldJudge
+from concept_guard.presets import esd_settings, model_family
+from concept_guard.shapesworld import shapesworld_fingerprint, world
+
+
+@pytest.fixture(scope="module")
+def loaded():
+    with torch.inference_mode():
+        return LoadShapesWorld.execute().result
+
+
+def test_load_node_gives_the_demo_model_that_auto_settings_recognise(loaded):
+    model, clip, vae = loaded
+    backend = ComfyBackend(model, clip, vae)
+    assert backend.native_latent_size == 8 and backend.vae_scale_factor == 4
+    assert backend.fingerprint == shapesworld_fingerprint() and model_family(backend) == "shapesworld"
+    assert esd_settings(backend, "circle", {})["method"] == "esd-x-strict"
+
+
+def test_judge_node_counts_the_label():
+    images, _ = world.render_prompt("a red circle on a white background", 6, seed=0)
+    batch = world.to_tensor(images).movedim(1, -1)  # ComfyUI IMAGE: [B, H, W, C]
+    table, rate = ShapesWorldJudge.execute(images=batch, label="circle").result
+    assert rate == 1.0 and "6 images" in table and "circle 1.00" in table
+    _, red = ShapesWorldJudge.execute(images=batch, label="Red").result
+    _, star = ShapesWorldJudge.execute(images=batch, label="star").result
+    assert (red, star) == (1.0, 0.0)
+    assert ShapesWorldJudge.validate_inputs(label="circle") is True
+    assert "not a ShapesWorld label" in ShapesWorldJudge.validate_inputs(label="dog")
+
+
+def test_compare_node_lays_out_the_same_seeds_side_by_side(loaded):
+    model, clip, vae = loaded
+    lines = ["a red circle on a white background", "a blue square, with a much longer description that wraps"]
+    with torch.inference_mode():
+        images = sample_models([model, model], clip, vae, lines, seed=3, samples=2, steps=4, cfg=5.0)
+        (grid,) = CompareModels.execute(
+            base=model,
+            edited=model,
+            clip=clip,
+            vae=vae,
+            prompts="\n".join(lines),
+            seed=3,
+            samples=2,
+            steps=4,
+            cfg=5.0,
+        ).result
+    for base, edited in images:  # the same MODEL twice: the same noise per prompt gives the same pixels
+        assert base.shape == (2, 3, 32, 32) and torch.equal(base, edited)
+    assert not torch.equal(images[0][0], images[1][0])  # prompts differ
+    expected = grid_tensor(labelled_grid(lines, ["base", "edited"], images))
+    assert torch.equal(grid, expected)
+    assert CompareModels.validate_inputs(prompts=" \n ") != True  # noqa: E712
+    with pytest.raises(ConceptGuardError, match="prompts"):
+        CompareModels.execute(
+            base=model, edited=model, clip=clip, vae=vae, prompts="", seed=0, samples=1, steps=1, cfg=1.0
+        )
