@@ -44,7 +44,7 @@ def check_out(path: str | Path, overwrite: bool) -> Path:
     path = Path(path)
     if path.suffix != ".safetensors":
         raise OutputPathError(f"`--out` must end in .safetensors, got {str(path)!r}.")
-    return check_destination(path, overwrite=overwrite)
+    return check_destination(path, overwrite=overwrite, how="pass `--overwrite`")
 
 
 @contextlib.contextmanager

@@ -112,7 +112,7 @@ def _check_out(args: argparse.Namespace, single_file: bool | None, what: str) ->
         raise OutputPathError(
             f"`--out` for {what} must {'' if single_file else 'not '}end in .safetensors, got {str(out)!r}."
         )
-    return check_destination(out, overwrite=args.overwrite)
+    return check_destination(out, overwrite=args.overwrite, how="pass `--overwrite`")
 
 
 def run_convert(args: argparse.Namespace) -> int:

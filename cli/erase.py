@@ -7,11 +7,13 @@ SD1.x/2.x/SDXL, the measured recipe on the bundled ShapesWorld model.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 from pathlib import Path
 
 from ..core.errors import ConceptGuardError
 from ..core.methods.esd import ESDConfig, train
+from ..core.score import score_edit, score_metadata, score_report
 from ..core.targets import ESD_METHODS
 from ..core.trainer import TrainResult
 from ..presets import describe, esd_settings
@@ -94,7 +96,13 @@ def run(args: argparse.Namespace) -> int:
     def train_edit(backend, on_step) -> TrainResult:
         settings = esd_settings(backend, args.concept, given)
         logger.info("ESD settings for %s", describe(backend, settings, tuple(_AUTO_FLAGS.values())))
-        return train(ESDConfig(**settings, **extra), backend, on_step=on_step)
+        cfg = ESDConfig(**settings, **extra)
+        result = train(cfg, backend, on_step=on_step)
+        if result.tensors:
+            scores = score_edit(backend, result.tensors, cfg.concepts, cfg.preserve[:3])
+            result.metadata["concept_guard.concept_score"] = score_metadata(*scores)
+            logger.info("%s", score_report(*scores))
+        return result
 
     def save(result: TrainResult) -> Path:
         if not result.tensors:
@@ -107,7 +115,11 @@ def run(args: argparse.Namespace) -> int:
         desc="ESD",
         train=train_edit,
         save=save,
-        summary=lambda r: {"iterations": r.iterations, "final_loss": r.final_loss},
+        summary=lambda r: {
+            "iterations": r.iterations,
+            "final_loss": r.final_loss,
+            "concept_score": json.loads(r.metadata["concept_guard.concept_score"]),
+        },
         message=lambda r, out, s: (
             f"wrote {out}  ({r.iterations} iterations, final loss {r.final_loss:.4g}, {s:.1f}s)"
         ),

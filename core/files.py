@@ -39,10 +39,11 @@ def metadata_to_strings(metadata: Mapping[str, object]) -> dict[str, str]:
     return {str(k): v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
 
 
-def check_destination(path: str | os.PathLike, *, overwrite: bool) -> Path:
+def check_destination(path: str | os.PathLike, *, overwrite: bool, how: str = "allow overwriting") -> Path:
     """Refuse a destination whose folder is missing or read-only, or that exists while ``overwrite`` is off.
 
-    Callers run it before expensive work, so a bad output path costs no training time.
+    Callers run it before expensive work, so a bad output path costs no training time. ``how`` names the
+    caller's own way to allow overwriting (the CLI's flag, the node's input).
 
     Raises:
         OutputPathError: with the path and how to proceed.
@@ -51,14 +52,13 @@ def check_destination(path: str | os.PathLike, *, overwrite: bool) -> Path:
     folder = dest.parent if str(dest.parent) else Path(".")
     if not folder.is_dir():
         raise OutputPathError(
-            f"Output folder {str(folder)!r} does not exist; create it first or choose another `--out`."
+            f"Output folder {str(folder)!r} does not exist; create it first or choose another location."
         )
     if not os.access(folder, os.W_OK):
         raise OutputPathError(f"Output folder {str(folder)!r} is not writable; choose another location.")
     if dest.exists() and not overwrite:
         raise OutputPathError(
-            f"{str(dest)!r} already exists; choose another name or pass `--overwrite` "
-            "(nodes: turn on `overwrite`)."
+            f"{str(dest)!r} already exists; choose another name or {how}."
         )
     return dest
 

@@ -22,7 +22,7 @@ def _model_file(kind: str, subfolder: str, name: str, *, what: str, overwrite: b
     name = sanitize_name(name.removesuffix(".safetensors"), what=what)
     folder = Path(folder_paths.get_folder_paths(kind)[0]) / subfolder
     folder.mkdir(parents=True, exist_ok=True)
-    return check_destination(folder / f"{name}.safetensors", overwrite=overwrite)
+    return check_destination(folder / f"{name}.safetensors", overwrite=overwrite, how="turn on `overwrite`")
 
 
 def edit_output_path(file_name: str, *, overwrite: bool) -> Path | None:

@@ -7,6 +7,7 @@ from ..comfy_backend.patches import make_patched_model
 from ..core.edits.diff_file import EDIT_DTYPE, save_edit
 from ..core.errors import ConceptGuardError
 from ..core.methods.esd import ESDConfig, parse_concepts, train
+from ..core.score import score_edit, score_metadata, score_report
 from ..core.targets import ESD_METHODS
 from ..presets import AUTO, ESD_DEFAULTS, describe, esd_settings
 from ._api import CATEGORY, io
@@ -82,8 +83,8 @@ class EraseConceptESD(io.ComfyNode):
                     min=0,
                     max=2**31 - 1,
                     control_after_generate=False,
-                    tooltip="Seeds the x_t samples and the training order; an unchanged graph reuses the "
-                    "cached edit instead of retraining.",
+                    tooltip="Seeds the x_t samples and the training order. Re-queueing an unchanged graph reuses the "
+                    "edit ComfyUI still has cached (running other graphs in between can evict it, then it retrains).",
                 ),
                 io.String.Input(
                     "file_name",
@@ -184,31 +185,34 @@ class EraseConceptESD(io.ComfyNode):
     ) -> io.NodeOutput:
         path = edit_output_path(file_name, overwrite=overwrite)
         backend = ComfyBackend(model, clip)
-        given = {
-            "method": None if method == AUTO else method,
-            "eta": eta or None,
-            "iterations": iterations or None,
-            "lr": lr or None,
-            "guidance": guidance or None,
-            "sampling_steps": sampling_steps or None,
-            "erase_from": erase_from,
-            "preserve": preserve,
-        }
-        settings = esd_settings(backend, concepts, given)
+        given = dict(method=method, eta=eta, iterations=iterations, lr=lr, guidance=guidance)
+        given |= dict(sampling_steps=sampling_steps, erase_from=erase_from, preserve=preserve)
+        settings = esd_settings(
+            backend, concepts, {k: None if v in (0, AUTO) else v for k, v in given.items()}
+        )
         cfg = ESDConfig(
             **settings, anchor=anchor or None, seed=seed, latent_size=resolution // 8 if resolution else None
         )
-        report = describe(backend, settings, _REPORTED)
         with backend.training(checkpointing=low_memory):
             node_id = cls.hidden.unique_id if cls.hidden is not None else None  # None outside a graph
             on_step, on_phase = progress_callback(cfg.iterations, node_id), phase_callback(node_id)
             result = train(cfg, backend, on_step=on_step, on_phase=on_phase)
-        if not result.tensors:
-            raise ConceptGuardError("ESD produced no deltas; nothing was applied or written.")
-        # The MODEL gets exactly what the file holds (fp16 deltas), so applying the file reproduces it.
-        deltas = {k: v.to(EDIT_DTYPE) for k, v in result.tensors.items()}
+            if not result.tensors:
+                raise ConceptGuardError("ESD produced no deltas; nothing was applied or written.")
+            # The MODEL gets exactly what the file holds (fp16 deltas), so applying the file reproduces it.
+            deltas = {k: v.to(EDIT_DTYPE) for k, v in result.tensors.items()}
+            on_phase("scoring the edit")
+            scores = score_edit(backend, deltas, cfg.concepts, cfg.preserve[:3], latent_size=cfg.latent_size)
+        result.metadata["concept_guard.concept_score"] = score_metadata(*scores)
         edited = make_patched_model(model, deltas, 1.0)
         if path is not None:
             save_edit(deltas, path, result.metadata, dtype=EDIT_DTYPE, overwrite=overwrite)
-        report += f"\nfinal loss {result.final_loss:.4g}" + (f"\nsaved {path}" if path else "")
+        report = "\n".join(
+            [
+                describe(backend, settings, _REPORTED),
+                f"final loss {result.final_loss:.4g}",
+                score_report(*scores),
+            ]
+            + ([f"saved {path}"] if path else [])
+        )
         return io.NodeOutput(edited, str(path) if path else "", report)

@@ -183,7 +183,7 @@ def test_saved_file_has_diff_keys_metadata_and_loads_through_lora_loader(model, 
 def test_existing_file_is_an_error_unless_overwrite(model, clip, loras_dir):
     _, path, _ = run_node(model, clip, file_name="edit", seed=1)
     before = Path(path).read_bytes()
-    with pytest.raises(OutputPathError, match="already exists.*overwrite"):
+    with pytest.raises(OutputPathError, match="already exists.*turn on `overwrite`"):
         run_node(model, clip, file_name="edit.safetensors", seed=2)
     assert Path(path).read_bytes() == before and files_in(loras_dir) == ["concept_guard/edit.safetensors"]
     _, again, _ = run_node(model, clip, file_name="edit", seed=2, overwrite=True)

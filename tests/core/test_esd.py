@@ -184,7 +184,7 @@ def test_cli_erase_writes_loadable_edit(tiny_dirs, tmp_path, capsys):
     assert meta["concept_guard.method"] == "esd-x" and all(".attn2." in k for k in deltas)
     # an existing file is not overwritten, and the error says how to proceed
     assert cli_main(args) == 2
-    assert "already exists" in capsys.readouterr().err
+    assert "already exists; choose another name or pass `--overwrite`" in capsys.readouterr().err
 
 
 class _Terminal(io.StringIO):

@@ -13,6 +13,7 @@ import pytest
 import torch
 from concept_guard.core.edits.diff_file import attach_edit
 from concept_guard.core.methods.esd import ESDConfig, train
+from concept_guard.core.score import score_edit, score_report
 from concept_guard.presets import esd_settings
 from concept_guard.shapesworld import load_shapesworld, shapesworld_model_path, world
 from concept_guard.shapesworld.recipes import (
@@ -138,6 +139,13 @@ def test_esd_x_strict_erases_circle_and_preserves_other_shapes_and_colours(backe
     print({"held-out circle prompts": held_out_c})
     assert mean(after_c) <= 0.10, after_c
     assert mean(held_out_c) <= 0.20, held_out_c  # wordings no recipe prompt uses
+    # The judge-free concept score agrees: the circle's guidance is gone, the other shapes' stays.
+    erased, kept = score_edit(
+        backend, result.tensors, ["a circle", "a blue circle"], ["a blue square", "a red heart"]
+    )
+    print({"concept score": [(s.prompt, s.score) for s in (*erased, *kept)]})
+    assert max(s.score for s in erased) < 0.5 < min(s.score for s in kept)  # measured: 0.36 and 0.80
+    assert "NOT ERASED" not in score_report(erased, kept)
     print({"dial": (mean(before_c), mean(half_c), mean(after_c))})
     assert mean(before_c) > mean(half_c) > mean(after_c), half_c  # measured 0.98 > 0.82 > 0.04
     # Per prompt (24 samples) bounds that guard what we have (measured at worst: shape 2/24 on "a yellow

@@ -1,0 +1,144 @@
+"""A concept score that tells, on any model and without a judge, whether an edit removed a concept.
+
+For a prompt c, its guidance is ``g(c) = ε(x_t, c) − ε(x_t, "")``: what the prompt adds to the prediction (the
+part that classifier-free guidance amplifies). The score is how much of the base model's guidance the edited
+model still has, in the base's direction, on x_t drawn by the frozen base model for that prompt:
+
+    score(c) = ⟨g_edit(c), g_base(c)⟩ / ‖g_base(c)‖²
+
+1.0 = the prompt steers the edited model as the base (untouched); 0 = that guidance is gone; below 0 the edited
+model steers away from what the base drew (ESD pushes away from the concept). An erased concept should score
+low, kept concepts near 1. ``norm_ratio`` and ``direction`` (the cosine) are its two factors.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .backend import DiffusionBackend
+from .delta import DeltaSet
+from .sampling import sample_trajectory
+
+#: A concept whose guidance keeps more than this share, pointing the same way, was not erased.
+NOT_ERASED = 0.8
+
+
+@dataclass(frozen=True)
+class PromptScore:
+    """Attributes:
+    prompt (`str`): the prompt scored.
+    score (`float`): the base's guidance kept by the edited model, in the base's direction (1 = untouched).
+    norm_ratio (`float`): ‖g_edit‖ / ‖g_base‖.
+    direction (`float`): cosine between the edited and the base guidance (1 = same direction).
+    """
+
+    prompt: str
+    score: float
+    norm_ratio: float
+    direction: float
+
+
+@torch.no_grad()
+def concept_scores(
+    backend: DiffusionBackend,
+    deltas: DeltaSet,
+    prompts: Sequence[str],
+    *,
+    trajectories: int = 4,
+    steps: int = 10,
+    guidance: float = 3.0,
+    seed: int = 12345,
+    latent_size: int | None = None,
+) -> list[PromptScore]:
+    """Score each prompt on the backend with ``deltas`` (attached) against the same UNet with them off.
+
+    x_t come from ``trajectories`` DDIM runs of the frozen model per prompt (every step kept), seeded apart
+    from training. Cost: per prompt ``2·steps`` guided sampling calls plus four ε calls per x_t.
+    """
+    null = backend.encode_text([""])
+    out = []
+    for i, prompt in enumerate(prompts):
+        cond = backend.encode_text([prompt])
+        with deltas.teacher():
+            traj = sample_trajectory(
+                backend,
+                cond,
+                null,
+                batch=trajectories,
+                steps=steps,
+                guidance=guidance,
+                seed=seed + i,
+                latent_size=latent_size,
+            )
+            x = traj.latents.flatten(0, 1)
+            t = traj.timesteps.to(x.device).repeat_interleave(trajectories)
+            base = _guidance(backend, x, t, cond, null)
+        edited = _guidance(backend, x, t, cond, null)
+        ratio = float(edited.norm() / base.norm().clamp_min(1e-12))
+        direction = float(F.cosine_similarity(edited.flatten(), base.flatten(), dim=0))
+        out.append(
+            PromptScore(
+                prompt=prompt,
+                score=round(ratio * direction, 4),
+                norm_ratio=round(ratio, 4),
+                direction=round(direction, 4),
+            )
+        )
+    return out
+
+
+def _guidance(backend: DiffusionBackend, x: torch.Tensor, t: torch.Tensor, cond, null, chunk: int = 16):
+    parts = []
+    for s in range(0, len(x), chunk):
+        xs, ts = x[s : s + chunk], t[s : s + chunk]
+        n = len(xs)
+        parts.append(
+            backend.eps(xs, ts, cond.expand_to(n)).float() - backend.eps(xs, ts, null.expand_to(n)).float()
+        )
+    return torch.cat(parts)
+
+
+def score_report(erased: Sequence[PromptScore], kept: Sequence[PromptScore]) -> str:
+    """A few lines for logs and node outputs, ending with a plain verdict."""
+    lines = ["concept score (1 = untouched, 0 = the prompt's guidance is gone, < 0 = steers away)"]
+    for what, items in (("erased", erased), ("kept", kept)):
+        lines += [f"  {what:<7} {s.prompt[:48]:<48} {s.score:+.2f}" for s in items]
+    failing = [s.prompt for s in erased if s.score > NOT_ERASED]
+    if failing:
+        lines.append(
+            f"NOT ERASED: {', '.join(failing)} still steer(s) the model as before (score > {NOT_ERASED}). "
+            "Raise eta or iterations (or lr), or try method esd-u."
+        )
+    else:
+        lines.append("The erased concepts no longer steer the model as they did.")
+    return "\n".join(lines)
+
+
+def score_metadata(erased: Sequence[PromptScore], kept: Sequence[PromptScore]) -> str:
+    """The scores as one JSON header entry: ``{"erased": {prompt: score}, "kept": {prompt: score}}``."""
+    return json.dumps(
+        {"erased": {s.prompt: s.score for s in erased}, "kept": {s.prompt: s.score for s in kept}}
+    )
+
+
+def score_edit(
+    backend: DiffusionBackend,
+    tensors: dict[str, torch.Tensor],
+    erased: Sequence[str],
+    kept: Sequence[str],
+    *,
+    latent_size: int | None = None,
+) -> tuple[list[PromptScore], list[PromptScore]]:
+    """Attach the LDM-keyed ``tensors`` for the time of scoring (the backend is left as it was) and score
+    the ``erased`` and ``kept`` prompts."""
+    from .edits.diff_file import attach_edit
+
+    with attach_edit(backend, tensors) as deltas:
+        erased_scores = concept_scores(backend, deltas, erased, latent_size=latent_size)
+        kept_scores = concept_scores(backend, deltas, kept, latent_size=latent_size)
+    return erased_scores, kept_scores
