@@ -25,7 +25,7 @@ from .delta import DeltaSet
 from .sampling import sample_trajectory
 
 #: A concept whose guidance keeps more than this share, pointing the same way, was not erased.
-NOT_ERASED = 0.8
+NOT_ERASED = 0.7
 
 
 @dataclass(frozen=True)
