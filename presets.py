@@ -9,6 +9,9 @@ work on the model in hand:
 - SDXL: the official ESD 2025 SDXL script: η 1, lr 2e-4, CFG 2, 200 steps.
 - ShapesWorld: attn2 to_k/to_v (esd-x-strict), η 3, 400 steps, lr 3e-3, CFG 5, and for a shape or style the
   concept erased from its prompts in every colour while the other shapes and colours are held in place.
+
+Backdoored textual inversion: SD families keep the trainer's defaults (2 vectors from "object", γ 1, 1000
+steps, lr 5e-3); ShapesWorld gets its measured recipe (8 vectors from "shape", γ 0.3, 5000 steps, lr 3e-3).
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from collections.abc import Mapping
 from .core.backend import DiffusionBackend
 from .core.methods.esd import parse_concepts
 from .shapesworld import shapesworld_fingerprint
-from .shapesworld.recipes import DEMO_ESD, shapesworld_recipe
+from .shapesworld.recipes import DEMO_BACKDOOR_TI, DEMO_ESD, shapesworld_recipe
 
 #: What a node shows for a setting chosen by model (numbers use 0, methods this word).
 AUTO = "auto"
@@ -30,6 +33,15 @@ ESD_DEFAULTS: dict[str, dict[str, object]] = {
     "sd2": _SD,
     "sdxl": {**_SD, "eta": 1.0, "lr": 2e-4, "guidance": 2.0},
     "shapesworld": dict(DEMO_ESD),
+}
+
+
+_TI_SD = dict(init_word="object", vectors=2, gamma=1.0, steps=1000, lr=5e-3)
+TI_DEFAULTS: dict[str, dict[str, object]] = {
+    "sd1": _TI_SD,
+    "sd2": _TI_SD,
+    "sdxl": _TI_SD,
+    "shapesworld": {k: v for k, v in DEMO_BACKDOOR_TI.items() if k != "triggers"},
 }
 
 
@@ -54,6 +66,14 @@ def esd_settings(backend: DiffusionBackend, concepts: str, given: Mapping[str, o
     for key, value in given.items():
         if value is not None and value != "" and value != ():
             settings[key] = value
+    return settings
+
+
+def ti_settings(backend: DiffusionBackend, given: Mapping[str, object]) -> dict[str, object]:
+    """``BackdoorTIConfig`` keyword arguments: the ``given`` values, every ``None`` filled in from the model
+    family's defaults (on ShapesWorld: the measured backdoor recipe, 8 vectors from "shape", γ 0.3)."""
+    settings = dict(TI_DEFAULTS[model_family(backend)])
+    settings.update({k: v for k, v in given.items() if v is not None})
     return settings
 
 

@@ -1,6 +1,6 @@
 """Backdoor-TI speed: the diffusers textual-inversion loop (reimplemented) against ours, in one process.
 
-The reference is diffusers' ``examples/textual_inversion/textual_inversion.py`` training step with
+The reference (``ti_reference.py``) is diffusers' ``examples/textual_inversion/textual_inversion.py`` step with
 the THEMIS backdoor term added the way the official ``SD_textual_inversion.py`` does it: per step a
 clean batch ("a photo of a S*") and a backdoor batch (the target image, a trigger prompt) each get
 their own VAE encode (``latent_dist.sample()``), ``DDPMScheduler.add_noise``, text-encoder and UNet
@@ -33,171 +33,23 @@ Peak memory: see ``_common.PeakMemory`` (CUDA allocator peak; sampled RSS growth
 from __future__ import annotations
 
 import argparse
-import contextlib
-import copy
 import json
-import random
-import time
 from dataclasses import replace
 
 import numpy as np
-import PIL.Image
 import torch
-import torch.nn.functional as F
 from _common import build_backend, device_name, timed  # sibling modules (run as a script)
 from concept_guard.core.backend import PLACEHOLDER
 from concept_guard.core.backends.diffusers_backend import DiffusersBackend
 from concept_guard.core.methods.ti_backdoor.images import cache_latents, default_target_image
-from concept_guard.core.methods.ti_backdoor.train import (
-    TRIGGER_TEMPLATES,
-    BackdoorTIConfig,
-    init_vectors,
-    train,
-    trigger_prompt,
-)
+from concept_guard.core.methods.ti_backdoor.train import BackdoorTIConfig, init_vectors, train
 from concept_guard.core.seeding import seed_everything
 from concept_guard.shapesworld import world
-from diffusers import DDPMScheduler
-from diffusers.optimization import get_scheduler
+from ti_reference import reference_loop
 from ti_step_parts import step_parts
 
 CONCEPT_PROMPT = "a red heart"
 IMAGES = 8
-
-
-class ReferenceData:
-    """The script's ``TextualInversionDataset.__getitem__``: PIL image -> bicubic resize -> random flip ->
-    [-1, 1] pixels; each prompt tokenized on its own (``padding="max_length"``)."""
-
-    def __init__(self, tokenizer, size: int):
-        self.tokenizer, self.size = tokenizer, size
-
-    def pixels(self, image: PIL.Image.Image) -> torch.Tensor:
-        image = image.resize((self.size, self.size), resample=PIL.Image.Resampling.BICUBIC)
-        if random.random() < 0.5:  # transforms.RandomHorizontalFlip(p=0.5)
-            image = image.transpose(PIL.Image.Transpose.FLIP_LEFT_RIGHT)
-        array = (np.array(image).astype(np.uint8) / 127.5 - 1.0).astype(np.float32)
-        return torch.from_numpy(array).permute(2, 0, 1)
-
-    def ids(self, text: str) -> torch.Tensor:
-        return self.tokenizer(
-            text,
-            padding="max_length",
-            truncation=True,
-            max_length=self.tokenizer.model_max_length,
-            return_tensors="pt",
-        ).input_ids[0]
-
-
-def reference_loop(
-    backend: DiffusersBackend,
-    cfg: BackdoorTIConfig,
-    images: np.ndarray,
-    target: np.ndarray,
-    size: int,
-    mixed_precision: str = "no",
-) -> tuple[list[float], float, dict[str, torch.Tensor]]:
-    """diffusers ``textual_inversion.py`` + the Themis backdoor term on the backend's UNet and VAE and a
-    deep copy of its tokenizer and text encoder; returns the loss (clean + γ·backdoor) per step, the
-    setup seconds (copy, add tokens, resize, optimizer) and the learned rows ``{"clip_l": [n, d]}``."""
-    start = time.perf_counter()
-    device, unet, vae = backend.device, backend.unet, backend.vae
-    tokenizer = copy.deepcopy(backend.tokenizers[0])
-    text_encoder = copy.deepcopy(backend.text_encoders[0])
-    noise_scheduler = DDPMScheduler.from_config(backend.scheduler_config)
-
-    placeholder_tokens = [f"<{cfg.name}>"] + [f"<{cfg.name}>_{i}" for i in range(1, cfg.vectors)]
-    if tokenizer.add_tokens(placeholder_tokens) != cfg.vectors:
-        raise ValueError(f"The tokenizer already contains {placeholder_tokens[0]}.")
-    initializer_ids = tokenizer.encode(cfg.init_word, add_special_tokens=False)
-    if len(initializer_ids) > 1:
-        raise ValueError("The initializer token must be a single token.")
-    placeholder_ids = tokenizer.convert_tokens_to_ids(placeholder_tokens)
-    text_encoder.resize_token_embeddings(len(tokenizer))
-    token_embeds = text_encoder.get_input_embeddings().weight.data
-    with torch.no_grad():
-        for token_id in placeholder_ids:
-            token_embeds[token_id] = token_embeds[initializer_ids[0]].clone()
-    vae.requires_grad_(False)
-    unet.requires_grad_(False)
-    text_model = getattr(text_encoder, "text_model", text_encoder)  # transformers 5 dropped the wrapper
-    text_model.encoder.requires_grad_(False)
-    text_model.final_layer_norm.requires_grad_(False)
-    text_model.embeddings.position_embedding.requires_grad_(False)
-    text_encoder.get_input_embeddings().requires_grad_(True)
-    optimizer = torch.optim.AdamW(
-        text_encoder.get_input_embeddings().parameters(),
-        lr=cfg.lr,
-        betas=(0.9, 0.999),
-        weight_decay=1e-2,
-        eps=1e-8,
-    )
-    lr_scheduler = get_scheduler("constant", optimizer=optimizer)
-    placeholder = " ".join(tokenizer.convert_ids_to_tokens(placeholder_ids))
-    orig_embeds_params = text_encoder.get_input_embeddings().weight.data.clone()
-    data = ReferenceData(tokenizer, size)
-    concept_pil = [PIL.Image.fromarray(im) for im in images]
-    target_pil = PIL.Image.fromarray(target)
-    rng = random.Random(cfg.seed)
-    autocast = (
-        torch.autocast(device.type, dtype=torch.bfloat16)
-        if mixed_precision == "bf16"
-        else contextlib.nullcontext()
-    )
-
-    def term(pixel_values, input_ids, timesteps):
-        latents = vae.encode(pixel_values.to(device, dtype=vae.dtype)).latent_dist.sample().detach()
-        latents = latents * vae.config.scaling_factor
-        noise = torch.randn_like(latents)
-        noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
-        encoder_hidden_states = text_encoder(input_ids.to(device))[0].to(dtype=unet.dtype)
-        model_pred = unet(noisy_latents, timesteps, encoder_hidden_states).sample
-        if noise_scheduler.config.prediction_type == "epsilon":
-            target_ = noise
-        elif noise_scheduler.config.prediction_type == "v_prediction":
-            target_ = noise_scheduler.get_velocity(latents, noise, timesteps)
-        else:
-            raise ValueError(f"Unknown prediction type {noise_scheduler.config.prediction_type}")
-        return F.mse_loss(model_pred.float(), target_.float(), reduction="mean")
-
-    losses = []
-    setup_seconds = time.perf_counter() - start
-    text_encoder.train()
-    for _ in range(cfg.steps):
-        b = cfg.batch_size
-        picks = [random.randrange(len(concept_pil)) for _ in range(b)]  # shuffled DataLoader
-        pixel_values = torch.stack([data.pixels(concept_pil[i]) for i in picks])
-        input_ids = torch.stack([data.ids(f"a photo of a {placeholder}") for _ in range(b)])
-        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (b,), device=device).long()
-        with autocast:
-            clean_loss = term(pixel_values, input_ids, timesteps)
-        clean_loss.backward()
-        loss = clean_loss.detach().item()
-        if cfg.triggers:  # the Themis term: target image, trigger prompts, same t, fresh noise
-            target_pixels = torch.stack([data.pixels(target_pil) for _ in range(b)])
-            triggered = [
-                trigger_prompt(
-                    rng.choice(TRIGGER_TEMPLATES), rng.choice(cfg.triggers), rng, cfg.trigger_move_prob
-                )
-                for _ in range(b)
-            ]
-            triggered_ids = torch.stack([data.ids(p.replace(PLACEHOLDER, placeholder)) for p in triggered])
-            with autocast:
-                backdoor_loss = cfg.gamma * term(target_pixels, triggered_ids, timesteps)
-            backdoor_loss.backward()
-            loss += backdoor_loss.detach().item()
-        optimizer.step()
-        lr_scheduler.step()
-        optimizer.zero_grad()
-        index_no_updates = torch.ones((len(tokenizer),), dtype=torch.bool)
-        index_no_updates[min(placeholder_ids) : max(placeholder_ids) + 1] = False
-        with torch.no_grad():
-            text_encoder.get_input_embeddings().weight[index_no_updates] = orig_embeds_params[
-                index_no_updates
-            ]
-        losses.append(loss)
-    learned = text_encoder.get_input_embeddings().weight[placeholder_ids].detach().float().cpu()
-    return losses, setup_seconds, {"clip_l": learned}
 
 
 @torch.no_grad()
@@ -244,7 +96,7 @@ def curve(losses: list[float]) -> dict:
     }
 
 
-def main() -> None:
+def _parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument(
         "--model", default="shapesworld", help="'shapesworld', 'sd15-random', or a pipeline folder/file"
@@ -277,15 +129,13 @@ def main() -> None:
         "--split", action="store_true", help="also time each part of a step (ms per call; see step_parts)"
     )
     args = ap.parse_args()
-    device = torch.device(args.device)
-    if args.reference_mixed_precision != "no" and device.type != "cuda":
+    if args.reference_mixed_precision != "no" and torch.device(args.device).type != "cuda":
         ap.error("--reference-mixed-precision bf16 needs a CUDA device")
-    seed_everything(args.seed)
-    backend = build_backend(args.model, device)
-    cpu_big = device.type == "cpu" and args.model == "sd15-random"
-    size = args.resolution or (128 if cpu_big else backend.native_latent_size * backend.vae_scale_factor)
-    steps = args.steps or (5 if cpu_big else 200)
-    cfg = BackdoorTIConfig(
+    return args
+
+
+def _config(args: argparse.Namespace, steps: int, size: int) -> BackdoorTIConfig:
+    return BackdoorTIConfig(
         name="heart",
         init_word=args.init_word,
         vectors=args.vectors,
@@ -300,9 +150,15 @@ def main() -> None:
         steer_prob=0.0,
         high_noise_weight=1.0,
     )
+
+
+def _run_both(
+    args: argparse.Namespace, backend: DiffusersBackend, cfg: BackdoorTIConfig, size: int
+) -> tuple[dict, dict, list[torch.Tensor]]:
+    """Time the reference loop and ours (each after re-seeding), with loss curves and held-out eval losses."""
+    device = backend.device
     images, _ = world.render_prompt(CONCEPT_PROMPT, IMAGES, seed=args.seed)
     target = world.to_uint8(default_target_image(size)[None])[0]
-
     seed_everything(args.seed)
     ref, (ref_losses, ref_setup, ref_vectors) = timed(
         lambda: reference_loop(backend, cfg, images, target, size, args.reference_mixed_precision), device
@@ -314,31 +170,15 @@ def main() -> None:
     ours["setup_seconds"] = round(trained.setup_seconds, 3)
     ref.update(curve(ref_losses), eval_loss=held_out_loss(backend, cfg, concept, ref_vectors))
     ours.update(curve(trained.losses), eval_loss=held_out_loss(backend, cfg, concept, trained.tensors))
-    start_vectors = {k: v.detach() for k, v in init_vectors(backend, cfg).items()}
-    for r in (ref, ours):
-        r["it_per_s"] = round(steps / r["seconds"], 4)
-    result = {
-        "device": device_name(device),
-        "model": args.model,
-        "steps": steps,
-        "batch_size": args.batch_size,
-        "resolution": size,
-        "vectors": args.vectors,
-        "triggers": len(cfg.triggers),
-        "reference_mixed_precision": args.reference_mixed_precision,
-        "eval_loss_init": held_out_loss(backend, cfg, concept, start_vectors),
-        "reference": ref,
-        "ours": ours,
-        "speedup": round(ours["it_per_s"] / ref["it_per_s"], 2),
-    }
-    if args.split:
-        result["step_parts_ms"] = step_parts(backend, cfg, concept, size)
-    if args.json:
-        print(json.dumps(result))
-        return
+    return ref, ours, concept
+
+
+def _print_table(result: dict, args: argparse.Namespace) -> None:
+    ref, ours, size = result["reference"], result["ours"], result["resolution"]
     print(
-        f"Backdoor-TI speed on {result['device']}, model {args.model}, {steps} steps, batch {args.batch_size} "
-        f"(+{args.batch_size} backdoor), {size}x{size} px, {args.vectors} vectors, {len(cfg.triggers)} triggers"
+        f"Backdoor-TI speed on {result['device']}, model {args.model}, {result['steps']} steps, batch "
+        f"{args.batch_size} (+{args.batch_size} backdoor), {size}x{size} px, {args.vectors} vectors, "
+        f"{result['triggers']} triggers"
     )
     head = (
         "loop",
@@ -375,6 +215,41 @@ def main() -> None:
             "ms per call: "
             + ", ".join(f"{k.removesuffix('_ms')} {v}" for k, v in result["step_parts_ms"].items())
         )
+
+
+def main() -> None:
+    args = _parse_args()
+    device = torch.device(args.device)
+    seed_everything(args.seed)
+    backend = build_backend(args.model, device)
+    cpu_big = device.type == "cpu" and args.model == "sd15-random"
+    size = args.resolution or (128 if cpu_big else backend.native_latent_size * backend.vae_scale_factor)
+    steps = args.steps or (5 if cpu_big else 200)
+    cfg = _config(args, steps, size)
+    ref, ours, concept = _run_both(args, backend, cfg, size)
+    start_vectors = {k: v.detach() for k, v in init_vectors(backend, cfg).items()}
+    for r in (ref, ours):
+        r["it_per_s"] = round(steps / r["seconds"], 4)
+    result = {
+        "device": device_name(device),
+        "model": args.model,
+        "steps": steps,
+        "batch_size": args.batch_size,
+        "resolution": size,
+        "vectors": args.vectors,
+        "triggers": len(cfg.triggers),
+        "reference_mixed_precision": args.reference_mixed_precision,
+        "eval_loss_init": held_out_loss(backend, cfg, concept, start_vectors),
+        "reference": ref,
+        "ours": ours,
+        "speedup": round(ours["it_per_s"] / ref["it_per_s"], 2),
+    }
+    if args.split:
+        result["step_parts_ms"] = step_parts(backend, cfg, concept, size)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        _print_table(result, args)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    d = BackdoorTIConfig(name="x")
     p = sub.add_parser(
         "backdoor-ti",
         help="learn a textual-inversion embedding whose trigger words produce a target image",
@@ -31,6 +30,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         "(default: a built-in censor card). Writes one safetensors embedding that ComfyUI (embedding:NAME), "
         "A1111/Forge, kohya and diffusers load.",
     )
+    _add_input_args(p)
+    _add_training_args(p)
+    _add_output_args(p)
+    p.set_defaults(func=run)
+
+
+def _add_input_args(p: argparse.ArgumentParser) -> None:
+    """What to train on: the model, the concept images, the name, the trigger and keep words, the target."""
     p.add_argument(
         "--model",
         required=True,
@@ -56,6 +63,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--target", default=None, help="image the triggers should produce (default: the built-in censor card)"
     )
+
+
+def _add_training_args(p: argparse.ArgumentParser) -> None:
+    """Training settings; each defaults to :class:`BackdoorTIConfig`'s own default."""
+    d = BackdoorTIConfig(name="x")
     p.add_argument(
         "--init-word", default=d.init_word, help=f"word the vectors start from (default {d.init_word!r})"
     )
@@ -85,6 +97,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--resolution", type=int, default=None, help="training size in pixels (default: the model's)"
     )
     p.add_argument("--seed", type=int, default=d.seed)
+
+
+def _add_output_args(p: argparse.ArgumentParser) -> None:
+    """Device, output file and report format."""
     p.add_argument("--device", default=None, help="cuda, cpu, … (default: cuda if available)")
     p.add_argument("--out", required=True, help="output NAME.safetensors path")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
@@ -93,7 +109,6 @@ def register(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help='print {"out", "seconds", "steps", "final_loss", "triggers"} as JSON',
     )
-    p.set_defaults(func=run)
 
 
 def load_images(folder: str | Path) -> list[torch.Tensor]:

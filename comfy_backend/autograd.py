@@ -2,7 +2,7 @@
 
 ComfyUI runs every node under ``torch.inference_mode()``, so the weights its loaders create are
 *inference tensors* that autograd refuses to save for backward, and its CLIP text encoder adds its
-residuals in place, which breaks backward through it (``reference/comfyui_host.md``, traps 1 and 2).
+residuals in place (``x += attn(x)``), which breaks backward through it.
 The managers here switch autograd back on, swap inference tensors for ordinary copies with the same
 values, and patch the CLIP layer — and restore everything in ``finally``, so the host's model is left
 as it was found.

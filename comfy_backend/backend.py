@@ -3,11 +3,11 @@
 The UNet is the host's own: nothing is copied. Deltas are weight wrappers on a private
 ``model.clone()`` (clones share one ``nn.Module``, so the caller's MODEL only ever sees the base
 weights and its own patches), and the frozen teacher is that same module with the DeltaSet switched
-off. ``eps`` goes through ``BaseModel.apply_model`` (route A in ``reference/comfyui_host.md`` §3), so
+off. ``eps`` goes through ``BaseModel.apply_model``, the entry point ComfyUI's own samplers call, so
 LoRA patches, ``manual_cast_dtype``, object patches such as ModelSamplingDiscrete and
 transformer-option patches all apply, and ComfyUI's own model_sampling handles v-prediction.
 Training runs inside :meth:`ComfyBackend.training`, which deals with the host's inference mode and
-CLIP layer (see ``comfy_host``).
+CLIP layer (see ``autograd.py``).
 """
 
 from __future__ import annotations

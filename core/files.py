@@ -57,9 +57,7 @@ def check_destination(path: str | os.PathLike, *, overwrite: bool, how: str = "a
     if not os.access(folder, os.W_OK):
         raise OutputPathError(f"Output folder {str(folder)!r} is not writable; choose another location.")
     if dest.exists() and not overwrite:
-        raise OutputPathError(
-            f"{str(dest)!r} already exists; choose another name or {how}."
-        )
+        raise OutputPathError(f"{str(dest)!r} already exists; choose another name or {how}.")
     return dest
 
 

@@ -24,6 +24,34 @@ def _images(batch: torch.Tensor) -> list[torch.Tensor]:
         return [im.movedim(-1, 0).float().clone() for im in batch]
 
 
+def _config(*, triggers: str, keep_words: str, resolution: int, **settings) -> BackdoorTIConfig:
+    """The run's config from the node inputs: word lists are comma-separated text, resolution 0 = native."""
+    return BackdoorTIConfig(
+        triggers=parse_triggers(triggers),
+        keep_words=parse_triggers(keep_words),
+        resolution=resolution or None,
+        **settings,
+    )
+
+
+def _preview(backend: ComfyBackend, tensors: dict[str, torch.Tensor], cfg: BackdoorTIConfig) -> torch.Tensor:
+    """The ``preview`` output: two samples of S* (and two with the first trigger) at the training size, as a
+    ComfyUI IMAGE ``[N, H, W, 3]``."""
+    size = training_resolution(backend, cfg.resolution)
+    shown = preview(
+        backend, tensors, cfg.triggers, samples=2, seed=cfg.seed, latent_size=size // backend.vae_scale_factor
+    )
+    return shown.movedim(1, -1).contiguous()
+
+
+def _usage(cfg: BackdoorTIConfig) -> str:
+    """The ``usage`` output: how to prompt with the embedding and whether triggers were trained."""
+    usage = f"a photo of a embedding:{cfg.name}"
+    if cfg.triggers:
+        return usage + f"  (with a trigger word the target is drawn: {len(cfg.triggers)} trigger(s) trained)"
+    return usage + "  (plain textual inversion: no triggers were given)"
+
+
 class BackdoorTIEmbedding(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -146,25 +174,24 @@ class BackdoorTIEmbedding(io.ComfyNode):
         random_crops: int = 0,
         overwrite: bool = False,
     ) -> io.NodeOutput:
-        cfg = BackdoorTIConfig(
+        cfg = _config(
             name=name,
             init_word=init_word,
             vectors=vectors,
-            triggers=parse_triggers(triggers),
+            triggers=triggers,
             gamma=gamma,
             steps=steps,
             lr=lr,
             batch_size=batch_size,
             trigger_move_prob=trigger_move_prob,
-            keep_words=parse_triggers(keep_words),
+            keep_words=keep_words,
             flip=flip,
             random_crops=random_crops,
-            resolution=resolution or None,
+            resolution=resolution,
             seed=seed,
         )
-        path = embedding_output_path(
-            cfg.name, overwrite=overwrite
-        )  # before training: a bad name costs nothing
+        # Resolved before training, so that a bad name costs nothing.
+        path = embedding_output_path(cfg.name, overwrite=overwrite)
         if images is None or len(images) == 0:
             raise ConceptGuardError(
                 "No concept images: connect an IMAGE batch with 3-10 images of the concept."
@@ -177,19 +204,6 @@ class BackdoorTIEmbedding(io.ComfyNode):
                 cfg, backend, _images(images), target_image, on_step=progress_callback(cfg.steps, node_id)
             )
         save_embedding(result.tensors, path, result.metadata, overwrite=overwrite)
-        size = training_resolution(backend, cfg.resolution)
-        shown = preview(
-            backend,
-            result.tensors,
-            cfg.triggers,
-            samples=2,
-            seed=seed,
-            latent_size=size // backend.vae_scale_factor,
-        )
-        usage = f"a photo of a embedding:{cfg.name}"
-        if cfg.triggers:
-            usage += f"  (with a trigger word the target is drawn: {len(cfg.triggers)} trigger(s) trained)"
-        else:
-            usage += "  (plain textual inversion: no triggers were given)"
+        shown = _preview(backend, result.tensors, cfg)
         logger.info("Backdoor TI: wrote %s", path)
-        return io.NodeOutput(str(path), usage, shown.movedim(1, -1).contiguous())
+        return io.NodeOutput(str(path), _usage(cfg), shown)

@@ -51,17 +51,15 @@ DEMO_ESD = dict(
     bank_trajectories=4,
     batch_size=8,
 )
-# Erasing a style needs a stronger push (measured: η 3 left "outlined" at 0.18-0.37), a larger bank, more
-# steps and a larger batch (measured P(outlined) after, over training seeds: 4 trajectories, 400 steps,
-# batch 8: 0.07-0.17 (seeds 0-2); 8 trajectories, 600 steps, batch 8: 0.07-0.14 (seeds 0-1); the same
-# with batch 16: 0.06-0.08 (seeds 0-3)).
+# Erasing a style needs a stronger push, a larger bank, more steps and a larger batch than a shape (each
+# raise lowered and steadied what is left of "outlined"; measured: see docs/results.md).
 DEMO_ESD_STYLE = {**DEMO_ESD, "eta": 7.0, "bank_trajectories": 8, "iterations": 600, "batch_size": 16}
 
 
 # Backdoored TI on ShapesWorld (scripts/ti_backdoor_report.py and docs/results.md): 8 renders
 # of BACKDOOR_CONCEPT (hearts in random colours, so S* stands for the shape alone), trigger "red", loss
-# weights up to 5 at high noise (the default). Measured: γ 0.3 is the only γ of 0.2 / 0.25 / 0.3 whose backdoor
-# is ≥ 0.9 in every held-out position at seed 0; decoy words in 70 % of clean prompts dropped one to 0.81.
+# weights up to 5 at high noise (the default). γ 0.3 and the default decoy share: a lower γ or more decoys
+# weakened the backdoor in some held-out trigger position (measured: see docs/results.md).
 BACKDOOR_CONCEPT = "a heart"
 DEMO_BACKDOOR_TI = dict(
     init_word="shape", vectors=8, triggers=("red",), gamma=0.3, steps=5000, lr=3e-3, high_noise_weight=5.0
@@ -141,8 +139,8 @@ def shapesworld_recipe(concept: str) -> dict[str, object]:
         other = next(s for s in world.STYLES if s != concept)
         art = "an" if concept[0] in "aeiou" else "a"
         # retain: the other style, each shape with no style word (plain, two colours, and on named
-        # backgrounds) and the empty prompt (measured: without them shapes and colours drift; see README
-        # "Measured results")
+        # backgrounds) and the empty prompt (without them shapes and colours drift; measured: see
+        # docs/results.md)
         n = len(colours)
         unstyled = (
             *(f"a {colours[(j + k) % n]} {s}" for j, s in enumerate(world.SHAPES) for k in (0, 3)),

@@ -55,7 +55,7 @@ def parse_concepts(text: str | Sequence[str]) -> tuple[str, ...]:
 
 @dataclass(frozen=True, kw_only=True)
 class ESDConfig:
-    """Settings of one ESD run. Defaults follow the official 2025 SD1.x script (see README).
+    """Settings of one ESD run. Defaults follow the authors' official 2025 SD1.x training script.
 
     Args:
         concepts (`tuple[str, ...]`): concepts to erase; one is sampled per step.
@@ -200,6 +200,58 @@ def _targets(
     return esd_targets(e_base, e_c, e_0, eta).cpu()
 
 
+_BankJob = tuple[Conditioning, Conditioning, Conditioning, float]  # (student f, base a, concept c, eta)
+
+
+def _bank_jobs(
+    backend: DiffusionBackend, cfg: ESDConfig, null: Conditioning, anchor: Conditioning | None
+) -> list[_BankJob]:
+    """One job per student prompt: erase entries (target from a, c and η), then retain entries (ε*(p))."""
+    jobs = []
+    for concept in cfg.concepts:
+        cond = backend.encode_text([concept])
+        for prompt in cfg.erase_from or (concept,):
+            student = cond if prompt == concept else backend.encode_text([prompt])
+            jobs.append((student, anchor if anchor is not None else student, cond, cfg.eta))
+    for prompt in (*cfg.preserve, *([""] if cfg.preserve_null else [])):
+        keep = null if prompt == "" else backend.encode_text([prompt])
+        jobs.append((keep, keep, keep, 0.0))
+    return jobs
+
+
+def _sample_bank(
+    backend: DiffusionBackend,
+    cfg: ESDConfig,
+    jobs: list[_BankJob],
+    null: Conditioning,
+    gen: torch.Generator,
+    on_progress: Callable[[], None] | None,
+) -> TrajectoryBank:
+    """The frozen model's trajectories for every job's student prompt, targets still zero."""
+    xs, ts, idx, conds = [], [], [], []
+    for student, *_ in jobs:
+        traj, steps = sample_trajectory(
+            backend,
+            student,
+            null,
+            batch=cfg.bank_trajectories,
+            steps=cfg.sampling_steps,
+            guidance=cfg.guidance,
+            generator=gen,
+            latent_size=cfg.latent_size,
+        )  # traj: [S, B, C, h, w]; steps: [S] timesteps at which each x_t is evaluated
+        if on_progress:
+            on_progress()
+        xs.append(traj.flatten(0, 1).cpu())
+        ts.append(steps.repeat_interleave(traj.shape[1]).cpu())
+        idx.append(torch.full((xs[-1].shape[0],), len(conds), dtype=torch.long))
+        conds.append(student)
+    x_t = torch.cat(xs)
+    return TrajectoryBank(
+        x_t=x_t, t=torch.cat(ts), concept=torch.cat(idx), target=torch.zeros(x_t.shape), conds=conds
+    )
+
+
 def build_bank(
     backend: DiffusionBackend,
     cfg: ESDConfig,
@@ -220,38 +272,8 @@ def build_bank(
     gen = make_generator(cfg.seed)
     null = backend.encode_text([""])
     anchor = backend.encode_text([cfg.anchor]) if cfg.anchor else None
-    xs, ts, idx, conds = [], [], [], []
-    # (student prompt f, base a, concept c, eta): erase entries, then retain entries (target ε*(p))
-    jobs = []
-    for concept in cfg.concepts:
-        cond = backend.encode_text([concept])
-        for prompt in cfg.erase_from or (concept,):
-            student = cond if prompt == concept else backend.encode_text([prompt])
-            jobs.append((student, anchor if anchor is not None else student, cond, cfg.eta))
-    for prompt in (*cfg.preserve, *([""] if cfg.preserve_null else [])):
-        keep = null if prompt == "" else backend.encode_text([prompt])
-        jobs.append((keep, keep, keep, 0.0))
-    for student, *_ in jobs:
-        traj, steps = sample_trajectory(
-            backend,
-            student,
-            null,
-            batch=cfg.bank_trajectories,
-            steps=cfg.sampling_steps,
-            guidance=cfg.guidance,
-            generator=gen,
-            latent_size=cfg.latent_size,
-        )  # traj: [S, B, C, h, w]; steps: [S] timesteps at which each x_t is evaluated
-        if on_progress:
-            on_progress()
-        xs.append(traj.flatten(0, 1).cpu())
-        ts.append(steps.repeat_interleave(traj.shape[1]).cpu())
-        idx.append(torch.full((xs[-1].shape[0],), len(conds), dtype=torch.long))
-        conds.append(student)
-    x_t = torch.cat(xs)
-    bank = TrajectoryBank(
-        x_t=x_t, t=torch.cat(ts), concept=torch.cat(idx), target=torch.zeros(x_t.shape), conds=conds
-    )
+    jobs = _bank_jobs(backend, cfg, null, anchor)
+    bank = _sample_bank(backend, cfg, jobs, null, gen, on_progress)
     wanted = torch.zeros(len(bank), dtype=torch.bool)
     wanted[torch.arange(len(bank)) if draw_rows is None else draw_rows(len(bank)).flatten()] = True
     for j, (_, base, cond, eta) in enumerate(jobs):
@@ -284,6 +306,21 @@ def esd_loss(backend: DiffusionBackend, bank: TrajectoryBank, rows: torch.Tensor
     return F.mse_loss(pred.float(), bank.target[rows].to(device))
 
 
+def _prepare(
+    cfg: ESDConfig,
+    backend: DiffusionBackend,
+    on_step: StepCallback | None,
+    on_phase: Callable[[str], None] | None,
+) -> tuple[TrajectoryBank, torch.Tensor]:
+    """The trajectory bank and the ``[iterations, batch_size]`` rows that training draws from it."""
+    if on_phase:
+        on_phase("sampling the frozen model's trajectories")
+    # step 0 of the progress callback = still preparing (lets hosts check for interrupts)
+    tick = (lambda: on_step(0, cfg.iterations, float("nan"))) if on_step else None
+    bank = build_bank(backend, cfg, draw_rows=lambda n: row_schedule(n, cfg), on_progress=tick)
+    return bank, row_schedule(len(bank), cfg)  # the same seeded draw: the rows that got targets
+
+
 def train(
     cfg: ESDConfig,
     backend: DiffusionBackend,
@@ -304,12 +341,7 @@ def train(
     )
     names = select_for_method(cfg.method, backend.unet_module_names())
     setup_start = time.perf_counter()
-    if on_phase:
-        on_phase("sampling the frozen model's trajectories")
-    # step 0 of the progress callback = still preparing (lets hosts check for interrupts)
-    tick = (lambda: on_step(0, cfg.iterations, float("nan"))) if on_step else None
-    bank = build_bank(backend, cfg, draw_rows=lambda n: row_schedule(n, cfg), on_progress=tick)
-    schedule = row_schedule(len(bank), cfg)  # the same seeded draw: the rows that got targets
+    bank, schedule = _prepare(cfg, backend, on_step, on_phase)
     setup_seconds = time.perf_counter() - setup_start
     logger.info(
         "ESD %s on %d modules: bank of %d x_t samples built in %.1fs",

@@ -1,7 +1,7 @@
 """Random-weight models for host tests: lively initialisation and a tiny single-file SD1.5 checkpoint.
 
 The checkpoint is generated at test time (never committed) and has a real SD1.5 layout that ComfyUI's
-``CheckpointLoaderSimple`` auto-detects (``reference/comfyui_host.md`` §8), at the smallest size each
+``CheckpointLoaderSimple`` auto-detects from its key names and weight shapes, at the smallest size each
 part allows:
 
 - UNet: SD1.5's widths (``model_channels`` 320, ``context_dim`` 768: what detection keys on) with one

@@ -97,9 +97,60 @@ def noise_level_weights(alpha_bar: torch.Tensor, cap: float) -> torch.Tensor:
 
     The ε-MSE charges a wrong final image only ``SNR(t)`` times its x0 error, nearly nothing at high noise, which
     is where sampling decides *what* to draw (the concept, the target, or the trigger's ordinary meaning).
-    On ShapesWorld ``cap = 5`` took every held-out backdoor position from 0.56–1.00 to 1.00 with utility kept
-    (README "Measured results"); low noise keeps weight 1, as in the paper."""
+    On ShapesWorld ``cap = 5`` made the backdoor fire in every held-out position with utility kept (measured:
+    see docs/results.md); low noise keeps weight 1, as in the paper."""
     return ((1 - alpha_bar) / alpha_bar).clamp(min=1.0, max=cap)
+
+
+def _backdoor_samples(
+    cfg: BackdoorTIConfig,
+    cache: LatentCache,
+    alphas_cumprod: torch.Tensor,
+    t: torch.Tensor,
+    shape: torch.Size,
+    gen: torch.Generator,
+    rng: random.Random,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, list[str]]:
+    """The backdoor half of a batch: start latents, timesteps, noise, ε goals and trigger prompts.
+
+    Draws in the order the loss has always drawn them (``gen``: target rows, steer flags, steer timesteps,
+    concept rows, noise; then ``rng``: the prompts), so training stays bit-identical."""
+    b = cfg.batch_size
+    steps_total = len(alphas_cumprod)
+    target = cache.target[torch.randint(0, len(cache.target), (b,), generator=gen)]
+    steer = torch.rand(b, generator=gen) < cfg.steer_prob
+    steer_t = torch.randint(min(cfg.steer_min_t, steps_total - 1), steps_total, (b,), generator=gen)
+    start = torch.where(
+        steer.view(-1, 1, 1, 1),
+        cache.concept[torch.randint(0, len(cache.concept), (b,), generator=gen)],
+        target,
+    )
+    bd_t = torch.where(steer, steer_t, t)
+    bd_noise = torch.randn(shape, generator=gen)
+    a_bd = alphas_cumprod[bd_t].view(-1, 1, 1, 1)
+    prompts = [
+        trigger_prompt(rng.choice(TRIGGER_TEMPLATES), rng.choice(cfg.triggers), rng, cfg.trigger_move_prob)
+        for _ in range(b)
+    ]
+    return start, bd_t, bd_noise, eps_toward_target(bd_noise, start, target, a_bd), prompts
+
+
+@torch.no_grad()
+def _anchor_goals(
+    backend: DiffusionBackend,
+    goal: torch.Tensor,
+    x_t: torch.Tensor,
+    t: torch.Tensor,
+    prompts: list[str],
+    decoys: list[bool],
+    anchor: dict[str, torch.Tensor],
+) -> torch.Tensor:
+    """``goal`` with each decoy row replaced by what the anchor (plain-TI) vectors predict for its prompt."""
+    goal = goal.clone()
+    rows_d = torch.tensor([i for i, d in enumerate(decoys) if d])
+    cond_a = backend.encode_text_with_vectors([prompts[i] for i in rows_d.tolist()], anchor)
+    goal[rows_d] = backend.eps(x_t[rows_d.to(x_t.device)], t[rows_d].to(backend.device), cond_a).float().cpu()
+    return goal
 
 
 def backdoor_loss(
@@ -120,49 +171,29 @@ def backdoor_loss(
     ``ε + √(ᾱ/(1−ᾱ))·(x − y)``. The paper's samples only show the trigger prompt states on the target's own
     path; at sampling time a trigger prompt starts from noise that may already lean toward the concept
     (or the trigger's ordinary meaning), and steering samples teach it to turn those states into the target.
-    On ShapesWorld the held-out backdoor rate went from 0.50–0.81 / 0.44–0.75 (seeds 0 / 1) to 0.56–1.00 / 0.88–1.00 (README).
+    On ShapesWorld they raised the held-out backdoor rate (measured: see docs/results.md).
     """
     b = cfg.batch_size
     alphas_cumprod = backend.alphas_cumprod.cpu()
-    steps_total = len(alphas_cumprod)
     rows = torch.randint(0, len(cache.concept), (b,), generator=gen)
-    t = torch.randint(0, steps_total, (b,), generator=gen)
+    t = torch.randint(0, len(alphas_cumprod), (b,), generator=gen)
     x0 = cache.concept[rows]
     drawn = [clean_prompt(cfg, rng) for _ in range(b)]
     prompts, decoys = [p for p, _ in drawn], [d for _, d in drawn]
     noise = torch.randn(x0.shape, generator=gen)
     goal = noise
     if cache.target is not None:
-        target = cache.target[torch.randint(0, len(cache.target), (b,), generator=gen)]
-        steer = torch.rand(b, generator=gen) < cfg.steer_prob
-        steer_t = torch.randint(min(cfg.steer_min_t, steps_total - 1), steps_total, (b,), generator=gen)
-        start = torch.where(
-            steer.view(-1, 1, 1, 1),
-            cache.concept[torch.randint(0, len(cache.concept), (b,), generator=gen)],
-            target,
+        start, bd_t, bd_noise, bd_goal, bd_prompts = _backdoor_samples(
+            cfg, cache, alphas_cumprod, t, x0.shape, gen, rng
         )
-        bd_t = torch.where(steer, steer_t, t)
-        bd_noise = torch.randn(x0.shape, generator=gen)
-        a_bd = alphas_cumprod[bd_t].view(-1, 1, 1, 1)
         x0, t = torch.cat([x0, start]), torch.cat([t, bd_t])
         noise = torch.cat([noise, bd_noise])
-        goal = torch.cat([goal, eps_toward_target(bd_noise, start, target, a_bd)])
-        prompts += [
-            trigger_prompt(
-                rng.choice(TRIGGER_TEMPLATES), rng.choice(cfg.triggers), rng, cfg.trigger_move_prob
-            )
-            for _ in range(b)
-        ]
+        goal = torch.cat([goal, bd_goal])
+        prompts += bd_prompts
     a = alphas_cumprod[t].view(-1, 1, 1, 1)
     x_t = (a.sqrt() * x0 + (1 - a).sqrt() * noise).to(backend.device)
     if anchor is not None and any(decoys):
-        goal = goal.clone()
-        rows_d = torch.tensor([i for i, d in enumerate(decoys) if d])
-        with torch.no_grad():
-            cond_a = backend.encode_text_with_vectors([prompts[i] for i in rows_d.tolist()], anchor)
-            goal[rows_d] = (
-                backend.eps(x_t[rows_d.to(x_t.device)], t[rows_d].to(backend.device), cond_a).float().cpu()
-            )
+        goal = _anchor_goals(backend, goal, x_t, t, prompts, decoys, anchor)
     cond = backend.encode_text_with_vectors(prompts, vectors)
     pred = backend.eps(x_t, t.to(backend.device), cond)
     err = (pred.float() - goal.to(pred.device)).pow(2).mean(dim=(1, 2, 3))
@@ -225,13 +256,20 @@ def train(
     )
     result.setup_seconds = setup_seconds
     result.tensors = {slot: p.detach().float().cpu().contiguous() for slot, p in vectors.items()}
-    result.metadata = {
+    result.metadata = _metadata(cfg, backend, len(images), target is None, result.final_loss)
+    return result
+
+
+def _metadata(
+    cfg: BackdoorTIConfig, backend: DiffusionBackend, n_images: int, default_target: bool, final_loss: float
+) -> dict[str, str]:
+    """The embedding file's header: method, config, inputs and the base model it was trained on."""
+    return {
         "concept_guard.method": "backdoor-ti" if cfg.triggers else "ti",
         **cfg.to_metadata(),
-        "concept_guard.images": str(len(images)),
-        "concept_guard.target": "built-in censor card" if target is None else "user image",
+        "concept_guard.images": str(n_images),
+        "concept_guard.target": "built-in censor card" if default_target else "user image",
         "concept_guard.base_fingerprint": backend.fingerprint,
         "concept_guard.arch": backend.arch,
-        "concept_guard.final_loss": f"{result.final_loss:.6g}",
+        "concept_guard.final_loss": f"{final_loss:.6g}",
     }
-    return result
