@@ -83,37 +83,76 @@ def save_embedding(
     return save_safetensors_atomic(embedding_tensors(vectors, p.stem), p, header, overwrite=overwrite)
 
 
+def _check_embedding(backend, name: str, vectors: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    """The rows for each of the backend's text encoders, checked before anything is changed: every slot
+    present, the right width, finite values, and no token of this name loaded yet (diffusers would fail
+    later, or after changing the first of SDXL's two encoders)."""
+    keys = ["clip_l"] if len(backend.text_encoders) == 1 else ["clip_l", "clip_g"]
+    if any(k not in vectors for k in keys):
+        raise ConceptGuardError(
+            f"Embedding {name!r} has {sorted(vectors)}; this {backend.arch} model needs {keys}."
+        )
+    rows = [vectors[k] for k in keys]
+    if len({r.shape[0] for r in rows}) != 1:
+        raise ConceptGuardError(
+            f"Embedding {name!r} has {[r.shape[0] for r in rows]} vectors for {keys}; expected the same count "
+            "in each. Re-export it with one row per token for every text encoder."
+        )
+    tokens = embedding_token_names(name, rows[0].shape[0])
+    for key, r, enc, tok in zip(keys, rows, backend.text_encoders, backend.tokenizers, strict=True):
+        width = enc.get_input_embeddings().weight.shape[1]
+        if r.shape[-1] != width:
+            raise ConceptGuardError(
+                f"Embedding {name!r} is {r.shape[-1]} wide; this text encoder is {width} wide. "
+                "Use an embedding trained for this model."
+            )
+        if not bool(torch.isfinite(r).all()):
+            raise ConceptGuardError(
+                f"Embedding {name!r} holds NaN or infinite values in {key!r}; expected finite vectors. "
+                "Re-train or re-export it."
+            )
+        vocab = tok.get_vocab()
+        if name in backend.embedding_tokens or any(t in vocab for t in tokens):
+            raise ConceptGuardError(f"Tokens {tokens} already exist; load {name!r} under another name.")
+    return rows
+
+
+def embedding_token_names(name: str, n: int) -> list[str]:
+    """The tokens ``<NAME_0> … <NAME_{n-1}>`` that stand for an embedding's ``n`` vectors in prompts."""
+    return [f"<{name}_{i}>" for i in range(n)]
+
+
 def add_embedding(backend, path: str | os.PathLike, name: str | None = None) -> list[str]:
     """Make ``embedding:NAME`` usable in the diffusers backend's prompts (NAME defaults to the file stem).
 
-    New tokens ``<NAME_0> … <NAME_{n-1}>`` are added to the backend's tokenizer and text encoder (its
-    own copies: a loaded model, not a host's). Returns the tokens.
+    The file is read with :func:`read_embedding` (it knows the A1111, SDXL ``clip_l``/``clip_g`` and
+    ComfyUI layouts, and refuses code-carrying pickles) and checked with clearer messages than diffusers
+    gives; the tokens ``<NAME_0> … <NAME_{n-1}>`` are then added by diffusers' own
+    ``TextualInversionLoaderMixin.load_textual_inversion``, once per text encoder with its
+    ``text_encoder=``/``tokenizer=`` arguments (diffusers' SDXL recipe). The backend's tokenizers and
+    text encoders are changed (its own copies: a loaded model, not a host's). Returns the tokens.
 
     Raises:
-        ConceptGuardError: wrong width for this text encoder, or the name is taken.
+        ConceptGuardError: missing slot, wrong width for this text encoder, NaN/inf values, or the name
+            is taken; nothing is changed then.
     """
+    from diffusers.loaders import TextualInversionLoaderMixin
+
+    class _Loader(TextualInversionLoaderMixin):
+        """diffusers' loader without a pipeline: no accelerate offload hooks to remove and re-apply."""
+
+        hf_device_map = None
+        components: dict = {}
+
     name = name or Path(path).stem
-    vectors = read_embedding(path)
-    key_for = ["clip_l"] if len(backend.text_encoders) == 1 else ["clip_l", "clip_g"]
-    if any(k not in vectors for k in key_for):
-        raise ConceptGuardError(
-            f"Embedding {name!r} has {sorted(vectors)}; this {backend.arch} model needs {key_for}."
+    rows = _check_embedding(backend, name, read_embedding(path))
+    tokens = embedding_token_names(name, rows[0].shape[0])
+    for r, enc, tok in zip(rows, backend.text_encoders, backend.tokenizers, strict=True):
+        weight = enc.get_input_embeddings().weight
+        # One token per row (diffusers' list form), so the names are ours, not NAME, NAME_1, ...
+        _Loader().load_textual_inversion(
+            r.to(weight.device, weight.dtype), token=list(tokens), text_encoder=enc, tokenizer=tok
         )
-    n = vectors[key_for[0]].shape[0]
-    tokens = [f"<{name}_{i}>" for i in range(n)]
-    for key, enc, tok in zip(key_for, backend.text_encoders, backend.tokenizers, strict=True):
-        rows = vectors[key]
-        table = enc.get_input_embeddings()
-        if rows.shape[-1] != table.weight.shape[1]:
-            raise ConceptGuardError(
-                f"Embedding {name!r} is {rows.shape[-1]} wide; this text encoder is {table.weight.shape[1]} wide. "
-                "Use an embedding trained for this model."
-            )
-        if tok.add_tokens(tokens) != n:
-            raise ConceptGuardError(f"Tokens {tokens} already exist; load {name!r} under another name.")
-        enc.resize_token_embeddings(len(tok))
-        with torch.no_grad():
-            enc.get_input_embeddings().weight[-n:] = rows.to(table.weight.dtype)
     backend.embedding_tokens[name] = tokens
     return tokens
 

@@ -1,4 +1,6 @@
-"""Single-file LDM checkpoints: offline loading equals the diffusers folder; config inference on real sizes."""
+"""Single-file LDM checkpoints: offline loading equals the diffusers folder; config inference on real sizes;
+checkpoints matching a shipped config load through diffusers' ``from_single_file`` to the same modules
+and weights as shape inference."""
 
 from __future__ import annotations
 
@@ -9,10 +11,15 @@ import torch
 from concept_guard.core.backends import single_file
 from concept_guard.core.backends.diffusers_backend import DiffusersBackend
 from concept_guard.core.errors import ModelLoadError
-from concept_guard.core.unet.keymap import UNetKeyMap, diffusers_to_ldm_state_dict
-from diffusers import UNet2DConditionModel
+from concept_guard.core.unet.keymap import (
+    UNetKeyMap,
+    diffusers_to_ldm_state_dict,
+    ldm_to_diffusers_state_dict,
+)
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
 from safetensors.torch import save_file
-from tiny_models import LATENT, REAL_CONFIGS, tiny_pipeline, to_ldm_checkpoint
+from tiny_models import LATENT, REAL_CONFIGS, _vae_to_ldm, tiny_pipeline, to_ldm_checkpoint
 
 PROMPTS = ["a photo of a cat", "a red circle"]
 
@@ -110,3 +117,127 @@ def test_single_file_ckpt_format_and_errors(tiny_dirs, tokenizer_dir, tmp_path, 
     broken.write_bytes(b"not a safetensors file")
     with pytest.raises(ModelLoadError, match="Could not read checkpoint"):
         DiffusersBackend.load(broken)
+
+
+# -- shipped configs: diffusers' from_single_file for standard shapes, shape inference for the rest ----------
+
+
+def _attention(model):
+    return [(a.heads, a.upcast_attention) for a in model.modules() if type(a).__name__ == "Attention"]
+
+
+def _shared(converted):
+    """Which checkpoint tensor each key holds (views, e.g. the VAE's 1x1-conv attention, by their base)."""
+    return {k: id(v if v._base is None else v._base) for k, v in converted.items()}
+
+
+@pytest.mark.parametrize(("arch", "published"), [("sd1", "sd15"), ("sd2", "sd21"), ("sdxl", "sdxl")])
+def test_full_size_standard_checkpoints_route_to_the_shipped_config_with_todays_modules(
+    arch, published, monkeypatch
+):
+    """Meta tensors (no memory): a full-size checkpoint of each family matches its shipped config, which
+    builds the published UNet/VAE and exactly the modules shape inference builds today; diffusers'
+    converter puts every checkpoint tensor where our keymap does."""
+    folder = single_file.SHIPPED_CONFIGS[arch]
+    configs = {
+        c: cls.load_config(folder, subfolder=c)
+        for c, cls in (("unet", UNet2DConditionModel), ("vae", AutoencoderKL))
+    }
+    with torch.device("meta"):
+        unet, vae = (
+            UNet2DConditionModel.from_config(configs["unet"]),
+            AutoencoderKL.from_config(configs["vae"]),
+        )
+        assert str(unet) == str(UNet2DConditionModel(**REAL_CONFIGS[published]))
+    full = diffusers_to_ldm_state_dict(
+        unet.state_dict(), UNetKeyMap(unet.config), prefix=single_file.UNET_PREFIX
+    )
+    full.update(_vae_to_ldm(vae))
+    full[single_file.SDXL_OPENCLIP + "text_projection"] = torch.empty(1280, 1280, device="meta")
+    assert single_file.shipped_config(full, arch, "unet") == folder
+    assert single_file.shipped_config(full, arch, "vae") == folder
+
+    monkeypatch.setattr(single_file, "SHIPPED_CONFIGS", {})  # today's route: shape inference
+    inferred_unet = single_file._load_unet(full, arch, "epsilon", torch.float32)
+    inferred_vae = single_file._load_vae(full, arch, torch.float32)
+    with torch.device("meta"):  # what from_single_file builds: the shipped config plus the same overrides
+        overrides = {"sample_size": inferred_unet.config.sample_size, "upcast_attention": arch == "sd2"}
+        routed = UNet2DConditionModel.from_config({**configs["unet"], **overrides})
+    assert (str(inferred_unet), _attention(inferred_unet)) == (str(routed), _attention(routed))
+    assert str(inferred_vae) == str(vae) and inferred_vae.config.scaling_factor == vae.config.scaling_factor
+    unet_sd = single_file._sub(full, single_file.UNET_PREFIX)
+    shapes = {k: v.shape for k, v in routed.state_dict().items()}
+    ours = ldm_to_diffusers_state_dict(unet_sd, UNetKeyMap(inferred_unet.config), shapes)
+    assert _shared(convert_ldm_unet_checkpoint(full, configs["unet"])) == _shared(ours)
+    vae_ours = convert_ldm_vae_checkpoint(full, dict(inferred_vae.config))
+    assert _shared(convert_ldm_vae_checkpoint(full, configs["vae"])) == _shared(vae_ours)
+
+
+def _config_folder(pipe, folder):
+    pipe.unet.save_config(folder / "unet")
+    pipe.vae.save_config(folder / "vae")
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("kind", "prediction", "dtype"),
+    [
+        ("sd1", "epsilon", torch.float32),
+        ("sd1", "epsilon", torch.float16),
+        ("sd2", "v_prediction", torch.float32),
+    ],
+)
+def test_shipped_config_route_loads_the_same_weights_as_shape_inference(
+    kind, prediction, dtype, tokenizer_dir, tmp_path, monkeypatch
+):
+    """Real weights: a tiny checkpoint plus a config folder for its architecture, written here, loads through
+    diffusers' from_single_file(config=..., local_files_only=True) to state dicts equal to shape inference's."""
+    pipe = tiny_pipeline(kind, tokenizer_dir, prediction_type=prediction)
+    path = tmp_path / f"{kind}.safetensors"
+    state = to_ldm_checkpoint(pipe, kind)
+    if prediction == "v_prediction":
+        state["v_pred"] = torch.tensor([])
+    save_file(state, path)
+    routed = []
+    real = single_file._from_single_file
+    monkeypatch.setattr(
+        single_file, "_from_single_file", lambda c, *a, **k: routed.append(c) or real(c, *a, **k)
+    )
+    monkeypatch.setattr(single_file, "SHIPPED_CONFIGS", {})
+    inferred, _ = single_file.load_single_file(path, dtype, tokenizer=tokenizer_dir)
+    assert routed == []
+    monkeypatch.setattr(single_file, "SHIPPED_CONFIGS", {kind: _config_folder(pipe, tmp_path / "configs")})
+    monkeypatch.setattr(single_file, "FROM_SINGLE_FILE", False)  # no accelerate: shape inference all the same
+    single_file.load_single_file(path, dtype, tokenizer=tokenizer_dir)
+    assert routed == []
+    monkeypatch.setattr(single_file, "FROM_SINGLE_FILE", True)  # the route taken when accelerate is installed
+    loaded, detected = single_file.load_single_file(path, dtype, tokenizer=tokenizer_dir)
+    assert routed == ["unet", "vae"] and detected == prediction
+    for a, b in ((loaded.unet, inferred.unet), (loaded.vae, inferred.vae)):
+        sa, sb = a.state_dict(), b.state_dict()
+        assert sa.keys() == sb.keys() and all(
+            torch.equal(sa[k], sb[k]) and sa[k].dtype == sb[k].dtype for k in sa
+        )
+        assert str(a) == str(b) and _attention(a) == _attention(b)
+    assert loaded.unet.config.sample_size == inferred.unet.config.sample_size
+    if dtype == torch.float32:
+        backend, reference = DiffusersBackend(loaded), DiffusersBackend(inferred)
+        x, t = _inputs(backend)
+        cond = reference.encode_text(PROMPTS)
+        assert torch.equal(backend.eps(x, t, cond), reference.eps(x, t, cond))
+        assert torch.equal(backend.vae_decode(x[:1]), reference.vae_decode(x[:1]))
+
+
+def test_non_standard_unet_keeps_shape_inference(tokenizer_dir, tmp_path, monkeypatch):
+    """The tiny SDXL UNet (per-level layers_per_block) fits no config diffusers' converter can express:
+    with a config folder for exactly it, the UNet still loads by shape inference, the VAE by diffusers."""
+    pipe = tiny_pipeline("sdxl", tokenizer_dir)
+    full = to_ldm_checkpoint(pipe, "sdxl")
+    monkeypatch.setattr(single_file, "SHIPPED_CONFIGS", {"sdxl": _config_folder(pipe, tmp_path / "configs")})
+    assert single_file.shipped_config(full, "sdxl", "unet") is None
+    assert single_file.shipped_config(full, "sdxl", "vae") == tmp_path / "configs"
+    assert single_file.shipped_config(full, "sd1", "unet") is None  # no folder for this family
+    monkeypatch.undo()  # the shipped configs: the tiny models fit none
+    for kind in ("sd1", "sd2", "sdxl"):
+        tiny = full if kind == "sdxl" else to_ldm_checkpoint(tiny_pipeline(kind, tokenizer_dir), kind)
+        assert [single_file.shipped_config(tiny, kind, c) for c in ("unet", "vae")] == [None, None]
