@@ -1,4 +1,5 @@
-"""Edits as ComfyUI patches: a new MODEL = clone + ``"diff"`` patches, the input MODEL untouched."""
+"""Edits as ComfyUI patches: a new MODEL = clone + patches (``"diff"`` or ComfyUI's LoRA adapters), the input
+MODEL untouched."""
 
 from __future__ import annotations
 
@@ -42,8 +43,20 @@ def make_patched_model(
             f"{f' (and {len(problems) - 5} more)' if len(problems) > 5 else ''}. "
             "Use an edit made for this base model architecture."
         )
+    return clone_with_patches(model, patches, strength)
+
+
+def clone_with_patches(
+    model: comfy.model_patcher.ModelPatcher, patches: Mapping[str, object], strength: float
+) -> comfy.model_patcher.ModelPatcher:
+    """``model.clone()`` + ``add_patches(patches, strength)``, checking that ComfyUI took every patch.
+
+    Raises:
+        ArchitectureMismatchError: a patch key is not a weight of this model (``add_patches`` would skip it
+            silently); the input MODEL is untouched either way.
+    """
     patched = model.clone()
-    applied = set(patched.add_patches(patches, strength))
+    applied = set(patched.add_patches(dict(patches), strength))
     if len(applied) != len(patches):  # add_patches skips unknown keys silently; never let that pass
         missing = sorted(set(patches) - applied)[:5]
         raise ArchitectureMismatchError(

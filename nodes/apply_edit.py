@@ -1,4 +1,4 @@
-"""Node "Apply Edited UNet": schema + one call into ``core.edit_formats`` (any edit file, with a strength dial)."""
+"""Node "Apply Edited UNet": schema + one call into ``comfy_backend.lora`` (any edit file, with a strength dial)."""
 
 from __future__ import annotations
 
@@ -6,9 +6,7 @@ import logging
 
 import folder_paths
 
-from ..comfy_backend.model_info import unet_target
-from ..comfy_backend.patches import make_patched_model
-from ..core.edits.read import read_edit_file
+from ..comfy_backend.lora import apply_edit_file
 from ._api import CATEGORY, io
 
 logger = logging.getLogger(__name__)
@@ -21,9 +19,11 @@ class ApplyEditedUNet(io.ComfyNode):
             node_id="ConceptGuardApplyEditedUNet",
             display_name="Apply Edited UNet",
             category=CATEGORY,
-            description="Apply a weight edit to the UNet as W + strength·ΔW. Reads our .diff edits, LoRAs (kohya, "
-            "diffusers/peft), ESD and UCE weight files and full UNets/checkpoints (their difference from this model), "
-            "recognised from content. The input MODEL is untouched.",
+            description="Apply a weight edit to the UNet as W + strength·ΔW. LoRA-family files (kohya, "
+            "diffusers/peft, LoCon, LoHa, LoKr, DoRA) are applied by ComfyUI's own LoRA loader, as "
+            "LoraLoaderModelOnly does; our .diff edits, ESD and UCE weight files and full UNets/checkpoints (their "
+            "difference from this model) by Concept Guard's reader. Recognised from content; the report says "
+            "which loader applied it and which keys were not applied. The input MODEL is untouched.",
             inputs=[
                 io.Model.Input("model"),
                 io.Combo.Input(
@@ -46,7 +46,6 @@ class ApplyEditedUNet(io.ComfyNode):
     @classmethod
     def execute(cls, model, edit: str, strength: float) -> io.NodeOutput:
         path = folder_paths.get_full_path_or_raise("loras", edit)
-        loaded = read_edit_file(path, unet_target(model))
-        report = loaded.summary(strength)
+        patched, report = apply_edit_file(model, path, strength)
         logger.info("Apply Edited UNet:\n%s", report)
-        return io.NodeOutput(make_patched_model(model, loaded.deltas, strength), report)
+        return io.NodeOutput(patched, report)

@@ -17,17 +17,16 @@ from __future__ import annotations
 
 import logging
 import os
-import re
-from collections import Counter
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
 from ..errors import ArchitectureMismatchError, EditFileError
 from ..unet.keymap import CHECKPOINT_UNET_PREFIX
 from .containers import RawEdit, read_tensor_file
-from .target import KOHYA_PREFIXES, WIDTH_FAMILIES, TargetUNet
+from .report import CROSS_KV, describe_format, edit_summary, model_family
+from .target import KOHYA_PREFIXES, TargetUNet
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +74,8 @@ NON_UNET = (
     ("vae.", "VAE"),
     ("model_ema.", "EMA copy"),
 )
-_CROSS_KV = re.compile(r"attn2[._](?:processor[._])?to_[kv]$")
+#: LoHa factors whose input width is the module's (``[rank, in]``): read by the context-width check.
+INPUT_SIDE_PARTS = (".hada_w1_b", ".hada_w2_b")
 
 
 @dataclass(frozen=True)
@@ -102,28 +102,18 @@ class LoadedEdit:
     def applied(self) -> tuple[str, ...]:
         return tuple(sorted(self.deltas))
 
-    def summary(self, strength: float | None = None) -> str:
+    def summary(self, strength: float | None = None, loader: str | None = None) -> str:
         """A few lines for people: what was applied, what was ignored and why, the file's metadata."""
-        modules = {k.rsplit(".", 1)[0] for k in self.deltas}
-        at = "" if strength is None else f" at strength {strength:g}"
-        lines = [
-            f"Edit: {Path(self.path).name or '?'}",
-            f"Format: {self.source_format}",
-            f"Applied: {len(self.deltas)} tensors on {len(modules)} UNet modules{at}",
-        ]
-        if self.unchanged:
-            lines.append(f"Unchanged (equal to the loaded model): {self.unchanged} tensors")
-        if self.ignored:
-            reasons = Counter(reason for _, reason in self.ignored)
-            lines.append(
-                f"Ignored: {len(self.ignored)} keys — " + "; ".join(f"{r} ({n})" for r, n in reasons.items())
-            )
-            lines += [f"  e.g. {key}: {reason}" for key, reason in self.ignored[:3]]
-        shown = [f"{k}={v if len(v) <= 80 else v[:77] + '...'}" for k, v in sorted(self.metadata.items())][
-            :12
-        ]
-        lines.append("Metadata: " + ("; ".join(shown) if shown else "none"))
-        return "\n".join(lines)
+        return edit_summary(
+            self.path,
+            self.source_format,
+            self.deltas,
+            unchanged=self.unchanged,
+            ignored=self.ignored,
+            metadata=self.metadata,
+            strength=strength,
+            loader=loader,
+        )
 
 
 @dataclass
@@ -141,7 +131,8 @@ def _role(key: str) -> tuple[str, str] | None:
     return None
 
 
-def _non_unet_reason(key: str, is_checkpoint: bool) -> str | None:
+def non_unet_reason(key: str, is_checkpoint: bool = False) -> str | None:
+    """Why ``key`` is not part of the UNet (text encoder, VAE, ...), or ``None`` if it may be."""
     if is_checkpoint and not key.startswith(CHECKPOINT_UNET_PREFIX):
         return "not part of the UNet (VAE, text encoder or schedule of a full checkpoint)"
     for prefix, what in NON_UNET:
@@ -150,8 +141,20 @@ def _non_unet_reason(key: str, is_checkpoint: bool) -> str | None:
     return None
 
 
-def _unsupported(tensors: dict[str, torch.Tensor]) -> None:
-    found = sorted({what for key in tensors for part, what in UNSUPPORTED_PARTS.items() if part in key})
+def unet_module_of(key: str, target: TargetUNet) -> str | None:
+    """The LDM module of ``target`` that a LoRA/.diff/weight key edits, in any spelling this reader accepts;
+    ``None`` for keys of other model parts and unknown names."""
+    split = None if non_unet_reason(key) else _role(key)
+    return target.resolve_module(split[0]) if split else None
+
+
+def unsupported_variants(keys: Iterable[str]) -> list[str]:
+    """Names of the LoRA variants among ``keys`` whose math is not ``up @ down`` (LoHa, LoKr, DoRA, ...)."""
+    return sorted({what for key in keys for part, what in UNSUPPORTED_PARTS.items() if part in key})
+
+
+def _refuse_unsupported(tensors: Mapping[str, torch.Tensor]) -> None:
+    found = unsupported_variants(tensors)
     if found:
         raise EditFileError(
             f"The file uses LoRA variants Concept Guard does not apply: {', '.join(found)}. Only plain "
@@ -160,7 +163,8 @@ def _unsupported(tensors: dict[str, torch.Tensor]) -> None:
         )
 
 
-def _check_finite(tensors: dict[str, torch.Tensor], what: str) -> None:
+def check_finite(tensors: Mapping[str, torch.Tensor], what: str) -> None:
+    """Raise :class:`EditFileError` naming the tensors that hold NaN/inf (``what`` names their source)."""
     bad = [k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
     if bad:
         raise EditFileError(
@@ -169,39 +173,34 @@ def _check_finite(tensors: dict[str, torch.Tensor], what: str) -> None:
         )
 
 
-def _family(width: int, metadata: dict[str, str]) -> str:
-    text = " ".join(
-        metadata.get(k, "") for k in ("concept_guard.arch", "ss_base_model_version", "modelspec.architecture")
-    )
-    text = text.lower()
-    if "xl" in text:
-        return "SDXL"
-    if "v2" in text or "sd2" in text:
-        return "SD2.x"
-    if "v1" in text or "sd1" in text:
-        return "SD1.x"
-    return WIDTH_FAMILIES.get(width, f"a model with {width}-wide text conditioning")
+def _input_side_stem(key: str) -> str | None:
+    """The module name of a tensor whose dim 1 is the module's input width (weight, .diff, LoRA/LoHa down)."""
+    for part in INPUT_SIDE_PARTS:
+        if key.endswith(part):
+            return key[: -len(part)]
+    split = _role(key)
+    return split[0] if split and split[1] in ("weight", "diff", "down") else None
 
 
-def _check_context_width(
-    tensors: dict[str, torch.Tensor], target: TargetUNet, metadata: dict[str, str]
+def check_context_width(
+    tensors: Mapping[str, torch.Tensor], target: TargetUNet, metadata: Mapping[str, str]
 ) -> None:
-    """Cross-attention k/v read the text states: their input width names the model family the edit is for."""
+    """Cross-attention k/v read the text states: their input width names the model family the edit is for.
+
+    Raises:
+        ArchitectureMismatchError: the file's first cross-attention k/v entry reads another width than
+            ``target`` (e.g. an SDXL LoRA, 2048-wide, on an SD1.x model, 768-wide).
+    """
     want = target.context_width
     if want is None:
         return
     for key, tensor in tensors.items():
-        split = _role(key)
-        if (
-            split
-            and _CROSS_KV.search(split[0])
-            and split[1] in ("weight", "diff", "down")
-            and tensor.dim() >= 2
-        ):
+        stem = _input_side_stem(key)
+        if stem and CROSS_KV.search(stem) and tensor.dim() >= 2:
             width = int(tensor.shape[1])
             if width != want:
                 raise ArchitectureMismatchError(
-                    f"This edit was made for {_family(width, metadata)} (cross-attention reads {width}-wide text "
+                    f"This edit was made for {model_family(width, metadata)} (cross-attention reads {width}-wide text "
                     f"states, key {key!r}), but the loaded model is {target.display_name} ({want}-wide). Load the "
                     "base model the edit was made for, or use an edit trained on this model."
                 )
@@ -223,7 +222,7 @@ def _group(raw: RawEdit, target: TargetUNet) -> tuple[dict[str, _Module], list[t
     modules: dict[str, _Module] = {}
     ignored: list[tuple[str, str]] = [(k, "not a tensor") for k in raw.skipped]
     for key, tensor in raw.tensors.items():
-        reason = _non_unet_reason(key, is_checkpoint)
+        reason = non_unet_reason(key, is_checkpoint)
         split = None if reason else _role(key)
         if split is None:
             ignored.append((key, reason or "unknown key (no UNet weight, LoRA or .diff part)"))
@@ -325,32 +324,23 @@ def _module_deltas(
     return out, unchanged, kinds
 
 
-def _describe(
-    kinds: set[str],
-    spellings: set[str],
-    entries: int,
-    raw: RawEdit,
-    target: TargetUNet,
-    modules: dict[str, _Module],
-) -> str:
-    names = ", ".join(sorted(spellings))
-    labels = []
-    if "diff" in kinds:
-        ours = raw.metadata.get("format", "").startswith("concept_guard.diff")
-        labels.append(f"{'Concept Guard' if ours else 'ComfyUI'} .diff patches ({names})")
-    if "lora" in kinds:
-        labels.append(f"low-rank LoRA ({names})")
-    if "weights" in kinds:
-        if any(k.startswith(CHECKPOINT_UNET_PREFIX) for k in raw.tensors):
-            labels.append("full LDM checkpoint (CompVis-era ESD style); edit = file - loaded model")
-        elif entries >= len(target.weights):
-            labels.append(f"full UNet state dict ({names}); edit = file - loaded model")
-        elif all(_CROSS_KV.search(m) for m in modules):
-            labels.append(f"partial UNet weights, cross-attention to_k/to_v only (UCE style, {names})")
-        else:
-            style = ", ESD 2025 style" if "diffusers names" in spellings else ""
-            labels.append(f"partial UNet state dict ({names}{style}); edit = file - loaded model")
-    return " + ".join(labels) + f" [{raw.container}]"
+def _all_deltas(
+    modules: dict[str, _Module], target: TargetUNet
+) -> tuple[dict[str, torch.Tensor], int, set[str]]:
+    """Deltas of every module, or one error listing every shape problem (nothing half-applied)."""
+    deltas, problems, unchanged, kinds = {}, [], 0, set()
+    for module in sorted(modules):
+        got, same, family = _module_deltas(module, modules[module], target, problems)
+        deltas.update(got)
+        unchanged += same
+        kinds |= family
+    if problems:
+        raise ArchitectureMismatchError(
+            f"The edit does not fit this {target.display_name} UNet: {'; '.join(problems[:5])}"
+            f"{f' (and {len(problems) - 5} more)' if len(problems) > 5 else ''}. It was made for a model with another "
+            "configuration; nothing was applied."
+        )
+    return deltas, unchanged, kinds
 
 
 def read_edit_file(path: str | os.PathLike, target: TargetUNet, *, strict: bool = False) -> LoadedEdit:
@@ -369,41 +359,34 @@ def read_edit_file(path: str | os.PathLike, target: TargetUNet, *, strict: bool 
         EditFileError: unreadable or unsafe file, no UNet edit in it, NaN/inf values, unsupported LoRA variants.
         ArchitectureMismatchError: the edit was made for another model (text width, shapes).
     """
-    raw = read_tensor_file(path)
-    _unsupported(raw.tensors)
-    _check_context_width(raw.tensors, target, raw.metadata)
+    return read_edit_tensors(read_tensor_file(path), target, path=str(path), strict=strict)
+
+
+def read_edit_tensors(
+    raw: RawEdit, target: TargetUNet, *, path: str = "", strict: bool = False
+) -> LoadedEdit:
+    """:func:`read_edit_file` on a file already read (``path`` only names it in messages and the summary)."""
+    _refuse_unsupported(raw.tensors)
+    check_context_width(raw.tensors, target, raw.metadata)
     modules, ignored = _group(raw, target)
     used = {key: t for m in modules.values() for key, t in m.parts.values()}
-    _check_finite(used, f"Edit file {str(path)!r}")
+    check_finite(used, f"Edit file {path!r}")
     if strict and ignored:
-        raise EditFileError(
-            f"{len(ignored)} keys of {str(path)!r} would not be applied (strict): {ignored[:5]}."
-        )
-    deltas, problems, unchanged, kinds = {}, [], 0, set()
-    for module in sorted(modules):
-        got, same, family = _module_deltas(module, modules[module], target, problems)
-        deltas.update(got)
-        unchanged += same
-        kinds |= family
-    if problems:
-        raise ArchitectureMismatchError(
-            f"The edit does not fit this {target.display_name} UNet: {'; '.join(problems[:5])}"
-            f"{f' (and {len(problems) - 5} more)' if len(problems) > 5 else ''}. It was made for a model with another "
-            "configuration; nothing was applied."
-        )
+        raise EditFileError(f"{len(ignored)} keys of {path!r} would not be applied (strict): {ignored[:5]}.")
+    deltas, unchanged, kinds = _all_deltas(modules, target)
     if not deltas and not unchanged:
         raise EditFileError(
-            f"{str(path)!r} holds no edit for this {target.display_name} UNet: none of its {len(raw.tensors)} keys is a "
+            f"{path!r} holds no edit for this {target.display_name} UNet: none of its {len(raw.tensors)} keys is a "
             f"UNet weight, LoRA or .diff part of it (e.g. {[k for k, _ in ignored[:3]]})."
         )
     for key in [k for k in deltas if target.patchable is not None and k not in target.patchable]:
         if bool(deltas[key].any()):
             ignored.append((key, "changed, but this backend patches only Linear/Conv2d weights"))
         del deltas[key]
-    _check_finite(deltas, f"The edit computed from {str(path)!r}")
+    check_finite(deltas, f"The edit computed from {path!r}")
     spellings = {s for m in modules.values() for s in m.spellings}
     entries = sum(1 for m in modules.values() for r in m.parts if r in ("weight", "bias"))
-    fmt = _describe(kinds, spellings, entries, raw, target, modules)
+    fmt = describe_format(kinds, spellings, entries, raw, target, modules)
     if ignored:
         logger.warning("%s: %d keys not applied (e.g. %s)", path, len(ignored), ignored[:2])
     return LoadedEdit(
@@ -412,5 +395,5 @@ def read_edit_file(path: str | os.PathLike, target: TargetUNet, *, strict: bool 
         metadata=raw.metadata,
         ignored=tuple(ignored),
         unchanged=unchanged,
-        path=str(path),
+        path=path,
     )

@@ -151,6 +151,8 @@ FORMATS = [
     "uce",
     "compvis_ckpt",
 ]
+#: Formats the node hands to ComfyUI's LoRA loader (the rest go through Concept Guard's reader).
+COMFY_LOADED = ["kohya_ldm", "kohya_diffusers", "diffusers_processor"]
 STOCK_LOADABLE = [
     "concept_guard_diff",
     "kohya_ldm",
@@ -180,7 +182,11 @@ def test_each_format_matches_merged_weights(kind, loras, tiny_model):
     before, base = _sha(tiny_model), _eps(tiny_model)
     edited, report = _apply(tiny_model, name, 0.8)
     torch.testing.assert_close(_eps(edited), _eps(_merged_model(expected, 0.8)), rtol=0, atol=1e-5)
-    assert f"Applied: {len(expected)} tensors" in report and "at strength 0.8" in report
+    if kind in COMFY_LOADED:  # LoRAs ComfyUI maps whole: its own loader applies them
+        assert f"applied by ComfyUI's loader: {len(expected)} weights patched at strength 0.8" in report
+    else:
+        assert f"Applied: {len(expected)} tensors" in report and "at strength 0.8" in report
+        assert "Loader: Concept Guard's edit reader" in report
     # The input MODEL is untouched: no patches of its own, and once it is the loaded one, its base weights.
     assert not tiny_model.patches and torch.equal(_eps(tiny_model), base) and _sha(tiny_model) == before
 
