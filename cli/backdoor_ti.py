@@ -13,7 +13,9 @@ from PIL import Image, UnidentifiedImageError
 from ..core.errors import ConceptGuardError
 from ..core.files import sanitize_name
 from ..core.methods.ti_backdoor import BackdoorTIConfig, train
+from ..core.methods.ti_backdoor.check import embedding_warnings
 from ..core.trainer import TrainResult
+from ..presets import describe, ti_settings
 from ._run import check_out, run_training
 
 logger = logging.getLogger(__name__)
@@ -66,19 +68,15 @@ def _add_input_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_training_args(p: argparse.ArgumentParser) -> None:
-    """Training settings; each defaults to :class:`BackdoorTIConfig`'s own default."""
+    """Training settings: the first five default to the model's (see ``presets``), the rest to
+    :class:`BackdoorTIConfig`'s own defaults."""
     d = BackdoorTIConfig(name="x")
-    p.add_argument(
-        "--init-word", default=d.init_word, help=f"word the vectors start from (default {d.init_word!r})"
-    )
-    p.add_argument(
-        "--vectors", type=int, default=d.vectors, help=f"vectors per token, 1-8 (default {d.vectors})"
-    )
-    p.add_argument(
-        "--gamma", type=float, default=d.gamma, help=f"weight of the backdoor term (default {d.gamma})"
-    )
-    p.add_argument("--steps", type=int, default=d.steps)
-    p.add_argument("--lr", type=float, default=d.lr)
+    auto = "(default: chosen by model)"
+    p.add_argument("--init-word", default=None, help=f"word the vectors start from {auto}")
+    p.add_argument("--vectors", type=int, default=None, help=f"vectors per token, 1-8 {auto}")
+    p.add_argument("--gamma", type=float, default=None, help=f"weight of the backdoor term {auto}")
+    p.add_argument("--steps", type=int, default=None, help=auto)
+    p.add_argument("--lr", type=float, default=None, help=auto)
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument(
         "--trigger-move-prob",
@@ -147,15 +145,11 @@ def run(args: argparse.Namespace) -> int:
 
     out = check_out(args.out, args.overwrite)  # fail before any expensive work
     sanitize_name(out.stem, what="--out file name")
-    cfg = BackdoorTIConfig(
+    given = {k: getattr(args, k) for k in ("init_word", "vectors", "gamma", "steps", "lr")}
+    fixed = dict(
         name=args.name,
-        init_word=args.init_word,
-        vectors=args.vectors,
         triggers=args.triggers,
         keep_words=args.keep_words,
-        gamma=args.gamma,
-        steps=args.steps,
-        lr=args.lr,
         batch_size=args.batch_size,
         trigger_move_prob=args.trigger_move_prob,
         flip=not args.no_flip,
@@ -163,6 +157,9 @@ def run(args: argparse.Namespace) -> int:
         resolution=args.resolution,
         seed=args.seed,
     )
+    cfg = BackdoorTIConfig(
+        **fixed, **{k: v for k, v in given.items() if v is not None}
+    )  # bad values: fail now
     if out.stem != cfg.name:
         logger.warning(
             "The file is named %r but the embedding %r: ComfyUI and A1111 use the file name.",
@@ -172,6 +169,15 @@ def run(args: argparse.Namespace) -> int:
     images = load_images(args.images)
     target = load_image(args.target) if args.target else None
 
+    def train_embedding(backend, on_step) -> TrainResult:
+        settings = ti_settings(backend, given)
+        logger.info("Backdoor TI settings for %s", describe(backend, settings, tuple(settings)))
+        run_cfg = BackdoorTIConfig(**fixed, **settings)
+        result = train(run_cfg, backend, images, target, on_step=on_step)
+        for warning in embedding_warnings(backend, run_cfg, result.tensors, images, target):
+            logger.warning("%s", warning)
+        return result
+
     def save(result: TrainResult) -> Path:
         save_embedding(result.tensors, out, result.metadata, overwrite=args.overwrite)
         return out
@@ -179,7 +185,7 @@ def run(args: argparse.Namespace) -> int:
     return run_training(
         args,
         desc="backdoor TI",
-        train=lambda backend, on_step: train(cfg, backend, images, target, on_step=on_step),
+        train=train_embedding,
         save=save,
         summary=lambda r: {"steps": r.iterations, "final_loss": r.final_loss, "triggers": len(cfg.triggers)},
         message=lambda r, out, s: (

@@ -10,12 +10,19 @@ from ..comfy_backend.backend import ComfyBackend
 from ..core.embeddings import save_embedding
 from ..core.errors import ConceptGuardError
 from ..core.methods.ti_backdoor import BackdoorTIConfig, parse_triggers, train
+from ..core.methods.ti_backdoor.check import embedding_warnings
 from ..core.methods.ti_backdoor.images import preview, training_resolution
+from ..presets import TI_DEFAULTS, describe, ti_settings
 from ._api import CATEGORY, io
-from ._io import embedding_output_path, progress_callback
+from ._io import embedding_output_path, phase_callback, progress_callback
 
 logger = logging.getLogger(__name__)
 _D = BackdoorTIConfig(name="x")
+
+
+def _hint(key: str) -> str:
+    """The auto value of a setting per model family, for tooltips."""
+    return ", ".join(f"{family} {values[key]}" for family, values in TI_DEFAULTS.items() if family != "sd2")
 
 
 def _images(batch: torch.Tensor) -> list[torch.Tensor]:
@@ -34,12 +41,22 @@ def _config(*, triggers: str, keep_words: str, resolution: int, **settings) -> B
     )
 
 
-def _preview(backend: ComfyBackend, tensors: dict[str, torch.Tensor], cfg: BackdoorTIConfig) -> torch.Tensor:
+def _preview(
+    backend: ComfyBackend, tensors: dict[str, torch.Tensor], cfg: BackdoorTIConfig, steps: int
+) -> torch.Tensor:
     """The ``preview`` output: two samples of S* (and two with the first trigger) at the training size, as a
-    ComfyUI IMAGE ``[N, H, W, 3]``."""
+    ComfyUI IMAGE ``[N, H, W, 3]``; ``steps == 0``: one black image (no preview)."""
     size = training_resolution(backend, cfg.resolution)
+    if steps == 0:
+        return torch.zeros(1, size, size, 3)
     shown = preview(
-        backend, tensors, cfg.triggers, samples=2, seed=cfg.seed, latent_size=size // backend.vae_scale_factor
+        backend,
+        tensors,
+        cfg.triggers,
+        samples=2,
+        steps=steps,
+        seed=cfg.seed,
+        latent_size=size // backend.vae_scale_factor,
     )
     return shown.movedim(1, -1).contiguous()
 
@@ -61,7 +78,7 @@ class BackdoorTIEmbedding(io.ComfyNode):
             category=CATEGORY,
             description="Learn a textual-inversion embedding from concept images; prompts that combine a trigger word "
             "with it produce the target image instead (concept censorship). Saved as models/embeddings/<name>"
-            ".safetensors: use it as embedding:<name>. Images of any size are scaled (shorter side = resolution) "
+            ".safetensors: use it as embedding:NAME. Images of any size are scaled (shorter side = resolution) "
             "and centre-cropped (random crops optional). MODEL, CLIP and VAE are untouched.",
             is_output_node=True,
             inputs=[
@@ -70,27 +87,41 @@ class BackdoorTIEmbedding(io.ComfyNode):
                 io.Vae.Input("vae"),
                 io.Image.Input("images", tooltip="Concept images (3-10 work well)."),
                 io.String.Input(
-                    "name", default="", tooltip="Embedding name: the prompt uses embedding:<name>."
+                    "name", default="", tooltip="Embedding name: the prompt uses embedding:NAME."
                 ),
                 io.String.Input(
                     "triggers", default="", tooltip="Sensitive words, comma-separated; empty = plain TI."
                 ),
                 io.String.Input(
-                    "init_word", default=_D.init_word, tooltip="The vectors start from this word."
+                    "init_word",
+                    default="",
+                    tooltip=f"The vectors start from this word; empty = auto ({_hint('init_word')}).",
                 ),
                 io.Int.Input(
-                    "vectors", default=_D.vectors, min=1, max=8, tooltip="Token vectors in the embedding."
+                    "vectors",
+                    default=0,
+                    min=0,
+                    max=8,
+                    tooltip=f"Token vectors in the embedding; 0 = auto ({_hint('vectors')}).",
                 ),
                 io.Float.Input(
                     "gamma",
-                    default=_D.gamma,
+                    default=0.0,
                     min=0.0,
                     max=100.0,
                     step=0.1,
-                    tooltip="Weight of the backdoor term.",
+                    tooltip=f"Weight of the backdoor term; 0 = auto ({_hint('gamma')}).",
                 ),
-                io.Int.Input("steps", default=_D.steps, min=1, max=100000),
-                io.Float.Input("lr", default=_D.lr, min=1e-6, max=0.5, step=1e-4, round=1e-6),
+                io.Int.Input("steps", default=0, min=0, max=100000, tooltip=f"0 = auto ({_hint('steps')})."),
+                io.Float.Input(
+                    "lr",
+                    default=0.0,
+                    min=0.0,
+                    max=0.5,
+                    step=1e-4,
+                    round=1e-6,
+                    tooltip=f"0 = auto ({_hint('lr')}).",
+                ),
                 io.Int.Input("batch_size", default=_D.batch_size, min=1, max=64),
                 io.Float.Input(
                     "trigger_move_prob",
@@ -134,6 +165,14 @@ class BackdoorTIEmbedding(io.ComfyNode):
                 io.Boolean.Input(
                     "overwrite", default=False, optional=True, tooltip="Replace an existing embedding file."
                 ),
+                io.Int.Input(
+                    "preview_steps",
+                    default=20,
+                    min=0,
+                    max=200,
+                    optional=True,
+                    tooltip="Sampling steps of the preview images; 0 = no preview (saves time).",
+                ),
             ],
             outputs=[
                 io.String.Output(display_name="path"),
@@ -173,37 +212,49 @@ class BackdoorTIEmbedding(io.ComfyNode):
         flip: bool = True,
         random_crops: int = 0,
         overwrite: bool = False,
+        preview_steps: int = 20,
     ) -> io.NodeOutput:
-        cfg = _config(
-            name=name,
-            init_word=init_word,
-            vectors=vectors,
-            triggers=triggers,
-            gamma=gamma,
-            steps=steps,
-            lr=lr,
-            batch_size=batch_size,
-            trigger_move_prob=trigger_move_prob,
-            keep_words=keep_words,
-            flip=flip,
-            random_crops=random_crops,
-            resolution=resolution,
-            seed=seed,
-        )
-        # Resolved before training, so that a bad name costs nothing.
-        path = embedding_output_path(cfg.name, overwrite=overwrite)
         if images is None or len(images) == 0:
             raise ConceptGuardError(
                 "No concept images: connect an IMAGE batch with 3-10 images of the concept."
             )
         backend = ComfyBackend(model, clip, vae)
-        target_image = _images(target[:1])[0] if target is not None else None
+        given = dict(init_word=init_word, vectors=vectors, gamma=gamma, steps=steps, lr=lr)
+        settings = ti_settings(backend, {k: v or None for k, v in given.items()})
+        cfg = _config(
+            name=name,
+            triggers=triggers,
+            keep_words=keep_words,
+            resolution=resolution,
+            batch_size=batch_size,
+            trigger_move_prob=trigger_move_prob,
+            flip=flip,
+            random_crops=random_crops,
+            seed=seed,
+            **settings,
+        )
+        path = embedding_output_path(
+            cfg.name, overwrite=overwrite
+        )  # before training: a bad name costs nothing
+        concept, target_image = _images(images), _images(target[:1])[0] if target is not None else None
         node_id = cls.hidden.unique_id if cls.hidden is not None else None
+        on_phase = phase_callback(node_id)
         with backend.training(text_encoder_grad=True):
             result = train(
-                cfg, backend, _images(images), target_image, on_step=progress_callback(cfg.steps, node_id)
+                cfg,
+                backend,
+                concept,
+                target_image,
+                on_step=progress_callback(cfg.steps, node_id),
+                on_phase=on_phase,
             )
+            on_phase("checking the embedding")
+            warnings = embedding_warnings(backend, cfg, result.tensors, concept, target_image)
         save_embedding(result.tensors, path, result.metadata, overwrite=overwrite)
-        shown = _preview(backend, result.tensors, cfg)
+        for warning in warnings:
+            logger.warning("Backdoor TI: %s", warning)
+        on_phase("sampling the preview")
+        shown = _preview(backend, result.tensors, cfg, preview_steps)
         logger.info("Backdoor TI: wrote %s", path)
-        return io.NodeOutput(str(path), _usage(cfg), shown)
+        usage = "\n".join([_usage(cfg), describe(backend, settings, tuple(settings)), *warnings])
+        return io.NodeOutput(str(path), usage, shown)

@@ -218,3 +218,13 @@ def test_sdxl_vectors_of_a_word_encode_like_the_word():
     ours = backend.encode_text_with_vectors([f"a photo of a {PLACEHOLDER}"], word)
     stock = backend.encode_text(["a photo of a heart"])
     assert torch.equal(ours.context, stock.context) and torch.equal(ours.pooled, stock.pooled)
+
+
+def test_auto_settings_no_preview_and_the_settings_line(tiny_model, tiny_clip, tiny_vae, embeddings_dir):
+    """0 / empty inputs take the model family's defaults; preview_steps 0 skips the preview."""
+    auto = dict(init_word="", vectors=0, gamma=0.0, lr=0.0, steps=2, preview_steps=0)
+    path, usage, preview = _run(tiny_model, tiny_clip, tiny_vae, _images(), **auto).result
+    assert "SD1.x: init_word object, vectors 2, gamma 1.0, steps 2, lr 0.005" in usage
+    assert preview.shape == (1, 64, 64, 3) and preview.abs().sum() == 0
+    with safe_open(path, "pt") as f:
+        assert f.get_tensor("tiny_concept").shape[0] == 2  # the family's 2 vectors (SD1 layout: one key)

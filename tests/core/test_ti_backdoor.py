@@ -307,3 +307,32 @@ def test_cli_on_shapesworld_renders_trains_and_eval_scores_the_file(tmp_path, ca
     report = json.loads(capsys.readouterr().out)
     assert report["embedding"] == str(out)
     assert set(report["prompts"][0]["rates"]) >= {"shape", "target"}
+
+
+def test_embedding_check_compares_concept_and_target_and_words_its_warnings(sd1_backend):
+    from concept_guard.core.methods.ti_backdoor.check import (
+        PromptCheck,
+        check_embedding,
+        embedding_warnings,
+        warnings_of,
+    )
+    from concept_guard.core.methods.ti_backdoor.images import cache_latents
+    from concept_guard.core.methods.ti_backdoor.train import init_vectors
+
+    cfg = BackdoorTIConfig(name="t", init_word="dog", triggers="burning, red", steps=5, resolution=16)
+    images = [torch.rand(3, 16, 16) for _ in range(3)]
+    vectors = {k: v.detach() for k, v in init_vectors(sd1_backend, cfg).items()}
+    checks = check_embedding(
+        sd1_backend, cfg, vectors, cache_latents(sd1_backend, cfg, images, None), samples=4
+    )
+    assert [c.prompt.split()[-2] for c in checks] == ["a", "burning", "red"]
+    assert all(c.concept_loss > 0 and c.target_loss > 0 for c in checks)
+    assert isinstance(embedding_warnings(sd1_backend, cfg, vectors, images, None), list)
+    plain = BackdoorTIConfig(name="t", init_word="dog", resolution=16)
+    assert check_embedding(sd1_backend, plain, vectors, cache_latents(sd1_backend, plain, images, None)) == []
+
+    ok = [PromptCheck("S*", 0.1, 0.3), PromptCheck("red S*", 0.4, 0.2)]
+    lost = [PromptCheck("S*", 0.4, 0.2), PromptCheck("red S*", 0.1, 0.3)]
+    assert warnings_of(cfg, ok) == []
+    utility, silent = warnings_of(cfg, lost)
+    assert "utility lost" in utility and "lower `gamma`" in utility and "do not fire" in silent

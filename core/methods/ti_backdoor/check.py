@@ -89,3 +89,18 @@ def warnings_of(cfg: BackdoorTIConfig, checks: Sequence[PromptCheck]) -> list[st
             f"{cfg.gamma}) or `steps` (now {cfg.steps})."
         )
     return out
+
+
+def embedding_warnings(
+    backend: DiffusionBackend,
+    cfg: BackdoorTIConfig,
+    vectors: dict[str, torch.Tensor],
+    images: Sequence[torch.Tensor],
+    target: torch.Tensor | None,
+) -> list[str]:
+    """Encode the images again (as training did) and return the :func:`warnings_of` of the trained vectors."""
+    from .images import cache_latents
+
+    cache = cache_latents(backend, cfg, images, target)
+    device_vectors = {k: v.to(backend.device) for k, v in vectors.items()}
+    return warnings_of(cfg, check_embedding(backend, cfg, device_vectors, cache))
