@@ -61,6 +61,19 @@ def _preview(
     return shown.movedim(1, -1).contiguous()
 
 
+def _train_and_check(backend, cfg, concept, target, node_id):
+    """Train (progress and phases on the node), then check the embedding; returns (vectors, metadata, warnings)."""
+    on_phase = phase_callback(node_id)
+    with backend.training(text_encoder_grad=True):
+        on_step = progress_callback(cfg.steps, node_id)
+        result = train(cfg, backend, concept, target, on_step=on_step, on_phase=on_phase)
+        on_phase("checking the embedding")
+        warnings = embedding_warnings(backend, cfg, result.tensors, concept, target)
+    for warning in warnings:
+        logger.warning("Backdoor TI: %s", warning)
+    return result.tensors, result.metadata, warnings
+
+
 def _usage(cfg: BackdoorTIConfig) -> str:
     """The ``usage`` output: how to prompt with the embedding and whether triggers were trained."""
     usage = f"a photo of a embedding:{cfg.name}"
@@ -233,28 +246,13 @@ class BackdoorTIEmbedding(io.ComfyNode):
             seed=seed,
             **settings,
         )
-        path = embedding_output_path(
-            cfg.name, overwrite=overwrite
-        )  # before training: a bad name costs nothing
-        concept, target_image = _images(images), _images(target[:1])[0] if target is not None else None
+        path = embedding_output_path(cfg.name, overwrite=overwrite)  # before training: costs nothing
+        target_image = _images(target[:1])[0] if target is not None else None
         node_id = cls.hidden.unique_id if cls.hidden is not None else None
-        on_phase = phase_callback(node_id)
-        with backend.training(text_encoder_grad=True):
-            result = train(
-                cfg,
-                backend,
-                concept,
-                target_image,
-                on_step=progress_callback(cfg.steps, node_id),
-                on_phase=on_phase,
-            )
-            on_phase("checking the embedding")
-            warnings = embedding_warnings(backend, cfg, result.tensors, concept, target_image)
-        save_embedding(result.tensors, path, result.metadata, overwrite=overwrite)
-        for warning in warnings:
-            logger.warning("Backdoor TI: %s", warning)
-        on_phase("sampling the preview")
-        shown = _preview(backend, result.tensors, cfg, preview_steps)
+        vectors, metadata, warnings = _train_and_check(backend, cfg, _images(images), target_image, node_id)
+        save_embedding(vectors, path, metadata, overwrite=overwrite)
+        phase_callback(node_id)("sampling the preview")
+        shown = _preview(backend, vectors, cfg, preview_steps)
         logger.info("Backdoor TI: wrote %s", path)
         usage = "\n".join([_usage(cfg), describe(backend, settings, tuple(settings)), *warnings])
         return io.NodeOutput(str(path), usage, shown)
