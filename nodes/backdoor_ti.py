@@ -253,6 +253,7 @@ class BackdoorTIEmbedding(io.ComfyNode):
         save_embedding(vectors, path, metadata, overwrite=overwrite)
         phase_callback(node_id)("sampling the preview")
         shown = _preview(backend, vectors, cfg, preview_steps)
+        phase_callback(node_id)("done" + (" · see the warnings in usage" if warnings else ""))
         logger.info("Backdoor TI: wrote %s", path)
         usage = "\n".join([_usage(cfg), describe(backend, settings, tuple(settings)), *warnings])
         return io.NodeOutput(str(path), usage, shown)

@@ -204,6 +204,7 @@ class EraseConceptESD(io.ComfyNode):
             on_phase("scoring the edit")
             scores = score_edit(backend, deltas, cfg.concepts, cfg.preserve[:3], latent_size=cfg.latent_size)
         result.metadata["concept_guard.concept_score"] = score_metadata(*scores)
+        on_phase(f"done · final loss {result.final_loss:.3g}")
         edited = make_patched_model(model, deltas, 1.0)
         if path is not None:
             save_edit(deltas, path, result.metadata, dtype=EDIT_DTYPE, overwrite=overwrite)

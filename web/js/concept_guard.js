@@ -16,8 +16,9 @@ function onProgress(event) {
   const target = nodeOf(node);
   if (!target) return;
   if (phase !== undefined) {
-    if (!target.cg_running) target.cg_losses = [];
-    target.cg_running = true;
+    const done = String(phase).startsWith("done");
+    if (!target.cg_running && !done) target.cg_losses = [];
+    target.cg_running = !done;
     target.cg_phase = phase;
     target.title_status = phase;
   } else {
@@ -25,7 +26,6 @@ function onProgress(event) {
     losses.push(Number(loss));
     if (losses.length > MAX_POINTS) losses.splice(0, losses.length - MAX_POINTS);
     target.title_status = `${target.cg_phase ?? "training"} · step ${step}/${total} · loss ${Number(loss).toPrecision(4)}`;
-    if (step >= total) target.cg_running = false;
   }
   target.setDirtyCanvas?.(true, false);
 }
