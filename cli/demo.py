@@ -103,7 +103,7 @@ def _run(args: argparse.Namespace) -> int:
         out, concept=args.concept, samples=args.samples, seed=args.seed, iterations=args.iterations
     )
     print(
-        f"ESD ({report['esd']['esd.method']}) erased {args.concept!r} from ShapesWorld in {report['train_seconds']} s; "
+        f"ESD ({report['esd']['method']}) erased {args.concept!r} from ShapesWorld in {report['train_seconds']} s; "
         f"judge rate of the shape each prompt names ({args.samples} seeded samples per prompt):"
     )
     print(format_rows(report))

@@ -2,8 +2,10 @@
 
 ComfyUI goes on ``sys.path`` for in-process tests (CPU only), tiny MODEL/CLIP/VAE objects are built
 from ComfyUI's own classes, and ``comfy_server`` starts a real headless ComfyUI with this repository
-loaded as the custom node pack ``concept_guard``. Nothing is ever written into the ComfyUI tree: the
-server gets a temporary ``--base-directory`` and bytecode caches go to a temporary ``pycache_prefix``.
+loaded as the custom node pack ``concept_guard`` (plus a stand-in ``UpscaleModelLoader`` where spandrel is
+missing, which the frontend needs). Nothing is ever written into the ComfyUI tree: the server gets a
+temporary ``--base-directory`` and bytecode caches go to a temporary ``pycache_prefix``. The last section
+drives ComfyUI's real page (Playwright) for ``test_browser.py`` and ``scripts/make_readme_images.py``.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import importlib.util
 import json
 import logging
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -313,6 +316,14 @@ class ComfyServer:
         with urllib.request.urlopen(self.url + route, timeout=timeout) as response:
             return json.loads(response.read())
 
+    def post_json(self, route: str, data, timeout: float = 60) -> int:
+        """POST ``data`` as JSON; the HTTP status."""
+        request = urllib.request.Request(
+            self.url + route, data=json.dumps(data).encode(), headers={"Content-Type": "application/json"}
+        )
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -335,16 +346,36 @@ def _wait_until_serving(server: ComfyServer, timeout: float) -> None:
     raise RuntimeError(f"ComfyUI did not serve /object_info within {timeout:.0f} s.\n{server.log()[-6000:]}")
 
 
-@pytest.fixture(scope="session")
-def comfy_server(tmp_path_factory):
-    """``python main.py --cpu`` on a free port, our pack symlinked in as ``custom_nodes/concept_guard``.
+#: A one-file custom node pack copied into the test's base directory: ComfyUI's own
+#: ``UpscaleModelLoader`` lives in ``comfy_extras/nodes_upscale_model.py``, which imports spandrel (and so
+#: torchvision); without it the frontend's model store throws and every ckpt/lora/vae combo fails to build.
+#: ComfyUI loads comfy_extras before custom nodes, so the stand-in registers only when the real node is missing.
+UPSCALE_STANDIN = STUBS / "upscale_model_loader_standin.py"
+UPSCALE_STANDIN_NODE_FILE = "concept_guard_test_upscale_model_loader.py"
+
+
+def prepare_base_dir(base: Path) -> Path:
+    """A ComfyUI ``--base-directory``: our pack symlinked in as ``custom_nodes/concept_guard``, the stand-in.
 
     ComfyUI loads a pack under its folder name, and this repository's folder may be named anything,
-    so the temporary base directory gets a symlink with the right name.
+    so the base directory gets a symlink with the right name.
     """
-    base = tmp_path_factory.mktemp("comfy_base")
-    (base / "custom_nodes").mkdir()
-    (base / "custom_nodes" / PACK_NAME).symlink_to(REPO_ROOT, target_is_directory=True)
+    custom_nodes = base / "custom_nodes"
+    custom_nodes.mkdir(parents=True, exist_ok=True)
+    link = custom_nodes / PACK_NAME
+    if not link.exists():
+        link.symlink_to(REPO_ROOT, target_is_directory=True)
+    shutil.copyfile(UPSCALE_STANDIN, custom_nodes / UPSCALE_STANDIN_NODE_FILE)
+    return base
+
+
+def start_comfy_server(base: Path, *, start_timeout: float | None = None) -> ComfyServer:
+    """``python main.py --cpu`` on a free port with ``base`` as its base directory; returns once it serves.
+
+    The torchvision stub is on the server's ``PYTHONPATH`` when this Python has no torchvision. Stop it
+    with :func:`stop_comfy_server`.
+    """
+    prepare_base_dir(base)
     port = _free_port()
     env = dict(
         os.environ, PYTHONPYCACHEPREFIX=str(PYCACHE), PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1"
@@ -369,16 +400,33 @@ def comfy_server(tmp_path_factory):
     with open(log_path, "wb") as log:
         process = subprocess.Popen(cmd, cwd=base, env=env, stdout=log, stderr=subprocess.STDOUT)
     server = ComfyServer(url=f"http://127.0.0.1:{port}", base_dir=base, log_path=log_path, process=process)
+    if start_timeout is None:
+        start_timeout = float(os.environ.get("CONCEPT_GUARD_COMFY_START_TIMEOUT", "180"))
     try:
-        _wait_until_serving(server, timeout=float(os.environ.get("CONCEPT_GUARD_COMFY_START_TIMEOUT", "180")))
+        _wait_until_serving(server, timeout=start_timeout)
+    except BaseException:
+        stop_comfy_server(server)
+        raise
+    return server
+
+
+def stop_comfy_server(server: ComfyServer) -> None:
+    server.process.terminate()
+    try:
+        server.process.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        server.process.kill()
+        server.process.wait(timeout=15)
+
+
+@pytest.fixture(scope="session")
+def comfy_server(tmp_path_factory):
+    """A real headless ComfyUI (:func:`start_comfy_server`) in a temporary base directory, for the session."""
+    server = start_comfy_server(tmp_path_factory.mktemp("comfy_base"))
+    try:
         yield server
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=15)
+        stop_comfy_server(server)
 
 
 @pytest.hookimpl(hookwrapper=True)

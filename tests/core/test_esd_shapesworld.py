@@ -201,3 +201,16 @@ def test_edit_file_round_trip_matches_trained_model(backend, tmp_path):
         with attach_edit(backend, deltas):
             loaded = backend.eps(x, t, cond)
     torch.testing.assert_close(loaded, trained, rtol=0, atol=1e-5)
+
+
+def test_demo_command_runs_end_to_end(tmp_path, capsys):
+    """``concept-guard demo`` (the README's first command) on a short run: table, edit, grid and report."""
+    from concept_guard.cli import main as cli_main
+
+    out = tmp_path / "demo"
+    assert cli_main(["demo", "--out", str(out), "--iterations", "2", "--samples", "2", "--threads", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert (
+        "ESD (esd-x-strict) erased 'circle'" in printed and "a blue circle on a white background" in printed
+    )
+    assert {p.name for p in out.iterdir()} >= {"no_circle.safetensors", "before_after.png", "report.json"}
