@@ -45,6 +45,11 @@ TI_DEFAULTS: dict[str, dict[str, object]] = {
 }
 
 
+def auto_hint(defaults: Mapping[str, Mapping[str, object]], key: str) -> str:
+    """What "auto" means for one setting, per family (for node tooltips): ``"sd1 200, sdxl 200, ..."``."""
+    return ", ".join(f"{family} {values[key]}" for family, values in defaults.items() if family != "sd2")
+
+
 def model_family(backend: DiffusionBackend) -> str:
     """``"shapesworld"`` for the bundled demo model, else the backend's architecture (``sd1``/``sd2``/``sdxl``)."""
     if backend.arch == "sd1" and backend.fingerprint == shapesworld_fingerprint():

@@ -19,6 +19,20 @@ from ..core.trainer import StepCallback, TrainResult
 SHAPESWORLD = "shapesworld"
 
 
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """``--model`` and ``--tokenizer``, as every training subcommand takes them."""
+    p.add_argument(
+        "--model",
+        required=True,
+        help="diffusers pipeline folder, .safetensors/.ckpt checkpoint, or 'shapesworld'",
+    )
+    p.add_argument(
+        "--tokenizer",
+        default=None,
+        help="single-file checkpoints only: a folder with the CLIP tokenizer files",
+    )
+
+
 def model_path(spec: str | Path) -> str | Path:
     """``"shapesworld"`` -> the bundled demo model's folder; anything else unchanged (a folder or a file)."""
     if str(spec).strip().lower() == SHAPESWORLD:

@@ -16,7 +16,7 @@ from ..core.methods.ti_backdoor import BackdoorTIConfig, train
 from ..core.methods.ti_backdoor.check import embedding_warnings
 from ..core.trainer import TrainResult
 from ..presets import describe, ti_settings
-from ._run import check_out, run_training
+from ._run import add_model_args, check_out, run_training
 
 logger = logging.getLogger(__name__)
 
@@ -40,16 +40,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _add_input_args(p: argparse.ArgumentParser) -> None:
     """What to train on: the model, the concept images, the name, the trigger and keep words, the target."""
-    p.add_argument(
-        "--model",
-        required=True,
-        help="diffusers pipeline folder, .safetensors/.ckpt checkpoint, or 'shapesworld'",
-    )
-    p.add_argument(
-        "--tokenizer",
-        default=None,
-        help="single-file checkpoints only: a folder with the CLIP tokenizer files",
-    )
+    add_model_args(p)
     p.add_argument("--images", required=True, help=f"folder of concept images ({', '.join(IMAGE_SUFFIXES)})")
     p.add_argument("--name", required=True, help="embedding name (the word used in prompts)")
     p.add_argument(

@@ -17,7 +17,7 @@ from ..core.score import score_edit, score_metadata, score_report
 from ..core.targets import ESD_METHODS
 from ..core.trainer import TrainResult
 from ..presets import describe, esd_settings
-from ._run import check_out, run_training
+from ._run import add_model_args, check_out, run_training
 
 logger = logging.getLogger(__name__)
 
@@ -43,16 +43,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "are chosen by model: the official scripts' values for SD1.x/2.x/SDXL, the measured recipe on "
         "'shapesworld'.",
     )
-    p.add_argument(
-        "--model",
-        required=True,
-        help="diffusers pipeline folder, .safetensors/.ckpt checkpoint, or 'shapesworld'",
-    )
-    p.add_argument(
-        "--tokenizer",
-        default=None,
-        help="single-file checkpoints only: a folder with the CLIP tokenizer files",
-    )
+    add_model_args(p)
     p.add_argument("--concept", required=True, help="concept(s) to erase; comma-separated for several")
     p.add_argument(
         "--anchor", default=None, help="'erase to' concept (default: none, push away from the concept)"

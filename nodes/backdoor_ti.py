@@ -12,7 +12,7 @@ from ..core.errors import ConceptGuardError
 from ..core.methods.ti_backdoor import BackdoorTIConfig, parse_triggers, train
 from ..core.methods.ti_backdoor.check import embedding_warnings
 from ..core.methods.ti_backdoor.images import preview, training_resolution
-from ..presets import TI_DEFAULTS, describe, ti_settings
+from ..presets import TI_DEFAULTS, auto_hint, describe, ti_settings
 from ._api import CATEGORY, io
 from ._io import embedding_output_path, phase_callback, progress_callback
 
@@ -21,8 +21,7 @@ _D = BackdoorTIConfig(name="x")
 
 
 def _hint(key: str) -> str:
-    """The auto value of a setting per model family, for tooltips."""
-    return ", ".join(f"{family} {values[key]}" for family, values in TI_DEFAULTS.items() if family != "sd2")
+    return auto_hint(TI_DEFAULTS, key)
 
 
 def _images(batch: torch.Tensor) -> list[torch.Tensor]:

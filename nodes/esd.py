@@ -9,17 +9,14 @@ from ..core.errors import ConceptGuardError
 from ..core.methods.esd import ESDConfig, parse_concepts, train
 from ..core.score import score_edit, score_metadata, score_report
 from ..core.targets import ESD_METHODS
-from ..presets import AUTO, ESD_DEFAULTS, describe, esd_settings
+from ..presets import AUTO, ESD_DEFAULTS, auto_hint, describe, esd_settings
 from ._api import CATEGORY, io
 from ._io import edit_output_path, phase_callback, progress_callback
 
 #: Settings the node reports after a run.
 _REPORTED = ("method", "eta", "iterations", "lr", "guidance", "sampling_steps")
 #: "0 = auto" hints: the value per model family.
-_AUTO_HINT = {
-    key: ", ".join(f"{family} {values[key]}" for family, values in ESD_DEFAULTS.items() if family != "sd2")
-    for key in _REPORTED
-}
+_AUTO_HINT = {key: auto_hint(ESD_DEFAULTS, key) for key in _REPORTED}
 
 
 class EraseConceptESD(io.ComfyNode):

@@ -7,18 +7,13 @@ converted like the frontend does; only sizes and step counts are shrunk.
 
 from __future__ import annotations
 
-import json
-import time
-import urllib.error
-import urllib.request
-import uuid
 from pathlib import Path
 
 import pytest
 from PIL import Image
 from safetensors import safe_open
 from tiny_checkpoint import write_tiny_sd15_checkpoint
-from workflows import EXAMPLES, load_workflow, node_ids, set_inputs, ui_to_api
+from workflows import EXAMPLES, load_workflow, node_ids, post_prompt, queue, set_inputs, ui_to_api
 
 ESD = "ConceptGuardEraseESD"
 TI = "ConceptGuardBackdoorTI"
@@ -50,24 +45,6 @@ def tiny_prompt(name: str, object_info: dict, *, unmute: bool = False, **esd) ->
         if node_ids(prompt, class_type):
             set_inputs(prompt, class_type, **values)
     return prompt
-
-
-def queue(server, prompt: dict, timeout: float = 240) -> dict:
-    """POST the prompt, wait for its ``/history`` entry and return it."""
-    body = json.dumps({"prompt": prompt, "client_id": uuid.uuid4().hex}).encode()
-    request = urllib.request.Request(
-        server.url + "/prompt", data=body, headers={"Content-Type": "application/json"}
-    )
-    with urllib.request.urlopen(request, timeout=60) as response:
-        queued = json.loads(response.read())
-    assert queued["node_errors"] == {}, queued
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        history = server.get_json(f"/history/{queued['prompt_id']}")
-        if queued["prompt_id"] in history:
-            return history[queued["prompt_id"]]
-        time.sleep(0.5)
-    raise TimeoutError(f"prompt {queued['prompt_id']} did not finish within {timeout:.0f} s")
 
 
 def messages(entry: dict, kind: str) -> list[dict]:
@@ -206,19 +183,6 @@ def test_backdoor_ti_workflow_writes_an_embedding_the_stock_prompt_syntax_uses(
     encode("a photo of embedding:my_concept")  # ... and ours is found and fits this CLIP
     log = comfy_server.log()
     assert "embedding:my_concept does not exist" not in log and "shape mismatch" not in log
-
-
-def post_prompt(server, prompt: dict) -> tuple[int, dict]:
-    """POST a prompt to ``/prompt``; the HTTP status and the JSON body (also for a refused prompt)."""
-    body = json.dumps({"prompt": prompt, "client_id": uuid.uuid4().hex}).encode()
-    request = urllib.request.Request(
-        server.url + "/prompt", data=body, headers={"Content-Type": "application/json"}
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=60) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
 
 
 @pytest.mark.parametrize(

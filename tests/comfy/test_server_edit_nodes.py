@@ -8,13 +8,9 @@ with shapes read from the checkpoint file itself.
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
-import time
-import urllib.request
-import uuid
 from pathlib import Path
 
 import pytest
@@ -24,6 +20,7 @@ from concept_guard.core.edits.diff_file import save_edit
 from PIL import Image
 from safetensors import safe_open
 from tiny_checkpoint import write_tiny_sd15_checkpoint
+from workflows import queue
 
 CKPT = "tiny_sd15.safetensors"
 EDIT = "concept_guard/server_edit.safetensors"
@@ -66,24 +63,6 @@ def edit(comfy_server, checkpoint) -> dict[str, torch.Size]:
     path.parent.mkdir(parents=True, exist_ok=True)
     save_edit(deltas, path, {"concept_guard.method": "esd-x"})
     return {k: v.shape for k, v in deltas.items()}
-
-
-def queue(server, prompt: dict, timeout: float = 300) -> dict:
-    """POST the prompt, wait for its ``/history`` entry and return it."""
-    body = json.dumps({"prompt": prompt, "client_id": uuid.uuid4().hex}).encode()
-    request = urllib.request.Request(
-        server.url + "/prompt", data=body, headers={"Content-Type": "application/json"}
-    )
-    with urllib.request.urlopen(request, timeout=60) as response:
-        queued = json.loads(response.read())
-    assert queued["node_errors"] == {}, queued
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        history = server.get_json(f"/history/{queued['prompt_id']}")
-        if queued["prompt_id"] in history:
-            return history[queued["prompt_id"]]
-        time.sleep(0.5)
-    raise TimeoutError(f"prompt {queued['prompt_id']} did not finish within {timeout:.0f} s")
 
 
 def error_of(entry: dict) -> str:

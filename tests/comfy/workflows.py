@@ -10,6 +10,10 @@ no longer matches the node's inputs fails the test instead of confusing users.
 from __future__ import annotations
 
 import json
+import time
+import urllib.error
+import urllib.request
+import uuid
 from pathlib import Path
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "example_workflows"
@@ -102,3 +106,34 @@ def set_inputs(prompt: dict, class_type: str, **values) -> None:
         if unknown:
             raise KeyError(f"{class_type} node {nid} has no inputs {sorted(unknown)}.")
         inputs.update(values)
+
+
+def post_prompt(server, prompt: dict) -> tuple[int, dict]:
+    """POST a prompt to ``/prompt``; the HTTP status and the JSON body (also for a refused prompt)."""
+    body = json.dumps({"prompt": prompt, "client_id": uuid.uuid4().hex}).encode()
+    request = urllib.request.Request(
+        server.url + "/prompt", data=body, headers={"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def queue(server, prompt: dict, timeout: float = 300) -> dict:
+    """POST the prompt, wait for its ``/history`` entry and return it."""
+    body = json.dumps({"prompt": prompt, "client_id": uuid.uuid4().hex}).encode()
+    request = urllib.request.Request(
+        server.url + "/prompt", data=body, headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=60) as response:
+        queued = json.loads(response.read())
+    assert queued["node_errors"] == {}, queued
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        history = server.get_json(f"/history/{queued['prompt_id']}")
+        if queued["prompt_id"] in history:
+            return history[queued["prompt_id"]]
+        time.sleep(0.5)
+    raise TimeoutError(f"prompt {queued['prompt_id']} did not finish within {timeout:.0f} s")
