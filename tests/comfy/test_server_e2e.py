@@ -7,6 +7,7 @@ converted like the frontend does; only sizes and step counts are shrunk.
 
 from __future__ import annotations
 
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -204,3 +205,15 @@ def test_out_of_range_values_are_refused_at_queue_time(
     errors = body["node_errors"][node_id]["errors"]
     (name,) = inputs
     assert any(e["type"] == kind and e["details"] == name for e in errors), errors
+
+
+def test_template_browser_lists_every_example_with_its_thumbnail(comfy_server):
+    """ComfyUI's template browser lists our examples and loads <name>.jpg beside each as the thumbnail."""
+    from comfy_harness import PACK_NAME
+
+    listed = comfy_server.get_json("/api/workflow_templates")[PACK_NAME]
+    assert sorted(listed) == sorted(p.stem for p in EXAMPLES.glob("*.json"))
+    for name in listed:
+        url = f"{comfy_server.url}/api/workflow_templates/{PACK_NAME}/{name}.jpg"
+        with urllib.request.urlopen(url, timeout=30) as response:
+            assert response.status == 200 and response.read(3) == b"\xff\xd8\xff"  # a JPEG
