@@ -1,5 +1,5 @@
-"""ESD erasing the "outlined" style from ShapesWorld, at several training seeds, for the README (issue
-"Erase Concept"): the recipe ``shapesworld_recipe("outlined")`` with ``DEMO_ESD_STYLE``; the judge's
+"""ESD erasing the "outlined" style from ShapesWorld, at several training seeds, for docs/results.md:
+the recipe ``shapesworld_recipe("outlined")`` with ``DEMO_ESD_STYLE``; the judge's
 P(outlined) on ``OUTLINED_PROMPTS`` (32 samples each, seed 700), its shape rate on the ``GRID`` prompts
 that name no outlined style (4 per shape) and its colour rate on all 25 ``GRID`` prompts (32 samples
 each, seed 500), before and after. Same prompts and seeds as ``tests/core/test_esd_shapesworld.py``.

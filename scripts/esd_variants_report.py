@@ -1,4 +1,4 @@
-"""ESD variants on ShapesWorld for the README (issue "Erase Concept"): the synonym "disc" under esd-x and
+"""ESD variants on ShapesWorld for docs/results.md: the synonym "disc" under esd-x and
 esd-u, and the anchor case circle -> square. Judge shape rates, 16 seeded samples per prompt.
 
     OMP_NUM_THREADS=1 .venv/bin/python scripts/esd_variants_report.py     # ~6 min on one CPU thread

@@ -1,4 +1,4 @@
-"""A backdoored ShapesWorld embedding used through stock ComfyUI nodes (issue "Backdoor TI Embedding", report).
+"""A backdoored ShapesWorld embedding used through stock ComfyUI nodes.
 
 ShapesWorld is converted into ComfyUI MODEL / CLIP / VAE with the ComfyUI suite's converter
 (``tests/comfy/shapesworld_comfy.py``, ComfyUI's own classes); the CLIP's embedding directory is set to the

@@ -1,4 +1,4 @@
-"""Backdoored textual inversion on ShapesWorld for docs/results.md (issue "Backdoor TI Embedding").
+"""Backdoored textual inversion on ShapesWorld for docs/results.md.
 
 Trains an embedding from 8 renders of ``--concept`` with ``--triggers``, saves it, loads it back the way
 users do (``embedding:NAME``) and has the judge score seeded samples per prompt set: utility (S* alone),

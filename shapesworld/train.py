@@ -9,7 +9,7 @@ Reproduce the committed model (``assets/model/shapesworld.json`` records what wa
         --work runs/shapesworld --threads 2 --unet-steps 4000 --stop-after 2000 > runs/train_unet.log 2>&1 &
 
 That takes about an hour on two CPU threads (timings: docs/results.md). The committed model is the EMA
-snapshot at step 2 000 of the 4 000-step schedule (already past the baseline bar; hence
+snapshot at step 2 000 of the 4 000-step schedule (already past the baseline quality; hence
 ``--stop-after 2000``); ``--resume`` without it continues to the end of the schedule.
 
 Needs the judge (``assets/judge.safetensors``, see ``judge.py``) and the CLIP tokenizer files (see

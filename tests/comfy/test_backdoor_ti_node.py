@@ -1,4 +1,4 @@
-"""Node "Backdoor TI Embedding" and the ComfyUI side of trainable token vectors (issue 7).
+"""Node "Backdoor TI Embedding" and the ComfyUI side of trainable token vectors.
 
 On ComfyUI's own SD1 CLIP: vectors in prompts equal ComfyUI's ``embedding:NAME`` path on the saved file,
 the node leaves MODEL/CLIP/VAE untouched, writes one loadable file, refuses bad names and existing files,

@@ -1,4 +1,4 @@
-"""ShapesWorld converted to ComfyUI objects behaves like the diffusers folder it came from (issue 4).
+"""ShapesWorld converted to ComfyUI objects behaves like the diffusers folder it came from.
 
 Tokens, text conditioning, eps, the schedule and the VAE agree between our ComfyBackend on the converted
 MODEL/CLIP/VAE and our DiffusersBackend on the folder; ComfyUI's stock CLIPTextEncode -> KSampler ->
