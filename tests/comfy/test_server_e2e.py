@@ -217,3 +217,71 @@ def test_template_browser_lists_every_example_with_its_thumbnail(comfy_server):
         url = f"{comfy_server.url}/api/workflow_templates/{PACK_NAME}/{name}.jpg"
         with urllib.request.urlopen(url, timeout=30) as response:
             assert response.status == 200 and response.read(3) == b"\xff\xd8\xff"  # a JPEG
+
+
+@pytest.mark.parametrize(
+    ("prompt", "node", "kind"),
+    [
+        (
+            {
+                "1": {
+                    "class_type": "EmptyImage",
+                    "inputs": {"width": 32, "height": 32, "batch_size": 1, "color": 0},
+                },
+                "2": {
+                    "class_type": "ConceptGuardShapesWorldJudge",
+                    "inputs": {"images": ["1", 0], "label": "dog"},
+                },
+            },
+            "2",
+            "custom_validation_failed",
+        ),
+        (
+            {
+                "1": {"class_type": "ConceptGuardLoadShapesWorld", "inputs": {}},
+                "2": {
+                    "class_type": "ConceptGuardCompareModels",
+                    "inputs": {
+                        "base": ["1", 0],
+                        "edited": ["1", 0],
+                        "clip": ["1", 1],
+                        "vae": ["1", 2],
+                        "prompts": " ",
+                        "seed": 0,
+                        "samples": 1,
+                        "steps": 1,
+                        "cfg": 1.0,
+                    },
+                },
+            },
+            "2",
+            "custom_validation_failed",
+        ),
+        (
+            {
+                "1": {"class_type": "ConceptGuardLoadShapesWorld", "inputs": {}},
+                "2": {
+                    "class_type": "ConceptGuardCompareModels",
+                    "inputs": {
+                        "base": ["1", 0],
+                        "edited": ["1", 0],
+                        "clip": ["1", 1],
+                        "vae": ["1", 2],
+                        "prompts": "a circle",
+                        "seed": 0,
+                        "samples": 0,
+                        "steps": 1,
+                        "cfg": 1.0,
+                    },
+                },
+            },
+            "2",
+            "value_smaller_than_min",
+        ),
+    ],
+)
+def test_demo_nodes_refuse_bad_values_at_queue_time(comfy_server, prompt, node, kind):
+    prompt["3"] = {"class_type": "PreviewAny", "inputs": {"source": ["2", 0]}}  # an output, so it validates
+    status, body = post_prompt(comfy_server, prompt)
+    assert status == 400, body
+    assert any(e["type"] == kind for e in body["node_errors"][node]["errors"]), body["node_errors"]
