@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from .backend import DiffusionBackend
 from .delta import DeltaSet
+from .edits.diff_file import attach_edit
 from .sampling import sample_trajectory
 
 #: A concept whose guidance keeps more than this share, pointing the same way, was not erased.
@@ -136,8 +137,6 @@ def score_edit(
 ) -> tuple[list[PromptScore], list[PromptScore]]:
     """Attach the LDM-keyed ``tensors`` for the time of scoring (the backend is left as it was) and score
     the ``erased`` and ``kept`` prompts."""
-    from .edits.diff_file import attach_edit
-
     with attach_edit(backend, tensors) as deltas:
         erased_scores = concept_scores(backend, deltas, erased, latent_size=latent_size)
         kept_scores = concept_scores(backend, deltas, kept, latent_size=latent_size)
