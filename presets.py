@@ -27,7 +27,7 @@ from .shapesworld.recipes import DEMO_BACKDOOR_TI, DEMO_ESD, shapesworld_recipe
 AUTO = "auto"
 FAMILY_NAMES = {"sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL", "shapesworld": "ShapesWorld (demo model)"}
 
-_SD = dict(method="esd-x", eta=2.0, iterations=200, lr=5e-5, guidance=3.0, sampling_steps=50)
+_SD = dict(method="esd-x", eta=2.0, iterations=200, lr=5e-5, guidance=3.0, sampling_steps=50, adv_steps=0)
 ESD_DEFAULTS: dict[str, dict[str, object]] = {
     "sd1": _SD,
     "sd2": _SD,
@@ -43,6 +43,17 @@ TI_DEFAULTS: dict[str, dict[str, object]] = {
     "sdxl": _TI_SD,
     "shapesworld": {k: v for k, v in DEMO_BACKDOOR_TI.items() if k != "triggers"},
 }
+
+
+#: Attack steps per round of adversarial ESD when a user turns it on (see ``core.methods.esd_adv``).
+ADV_STEPS_ON = 100
+
+
+def adversarial_steps(choice: str | None) -> int | None:
+    """``adv_steps`` for a user's "auto"/"on"/"off" choice (``None`` = auto: by model family)."""
+    if choice in (None, "", AUTO):
+        return None
+    return {"on": ADV_STEPS_ON, "off": 0}[choice]
 
 
 def auto_hint(defaults: Mapping[str, Mapping[str, object]], key: str) -> str:

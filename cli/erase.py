@@ -16,7 +16,7 @@ from ..core.methods.esd import ESDConfig, train
 from ..core.score import score_edit, score_metadata, score_report
 from ..core.targets import ESD_METHODS
 from ..core.trainer import TrainResult
-from ..presets import describe, esd_settings
+from ..presets import adversarial_steps, describe, esd_settings
 from ._run import add_model_args, check_out, run_training
 
 logger = logging.getLogger(__name__)
@@ -65,6 +65,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     auto.add_argument("--sampling-steps", type=int, default=None, help="DDIM steps of the x_t trajectories")
     auto.add_argument("--bank", type=int, default=None, help="trajectories per concept in the x_t bank")
     auto.add_argument("--batch-size", type=int, default=None)
+    auto.add_argument(
+        "--adversarial",
+        default=None,
+        choices=["on", "off"],
+        help="train against a concept-inversion attacker (default: on for shapesworld, off for SD families)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cuda, cpu, … (default: cuda if available)")
     p.add_argument("--out", required=True, help="output .safetensors path")
@@ -81,12 +87,13 @@ def run(args: argparse.Namespace) -> int:
     out = check_out(args.out, args.overwrite)  # fail before any expensive work
     given = {field: getattr(args, flag) for flag, field in _AUTO_FLAGS.items()}
     given |= {"erase_from": args.erase_from, "preserve": args.preserve}
+    given["adv_steps"] = adversarial_steps(args.adversarial)
     extra = {"anchor": args.anchor, "seed": args.seed}
     ESDConfig(concepts=args.concept, **extra, **{k: v for k, v in given.items() if v})  # bad values: fail now
 
     def train_edit(backend, on_step) -> TrainResult:
         settings = esd_settings(backend, args.concept, given)
-        logger.info("ESD settings for %s", describe(backend, settings, tuple(_AUTO_FLAGS.values())))
+        logger.info("ESD settings for %s", describe(backend, settings, (*_AUTO_FLAGS.values(), "adv_steps")))
         cfg = ESDConfig(**settings, **extra)
         result = train(cfg, backend, on_step=on_step)
         if result.tensors:

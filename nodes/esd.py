@@ -9,12 +9,12 @@ from ..core.errors import ConceptGuardError
 from ..core.methods.esd import ESDConfig, parse_concepts, train
 from ..core.score import score_edit, score_metadata, score_report
 from ..core.targets import ESD_METHODS
-from ..presets import AUTO, ESD_DEFAULTS, auto_hint, describe, esd_settings
+from ..presets import AUTO, ESD_DEFAULTS, adversarial_steps, auto_hint, describe, esd_settings
 from ._api import CATEGORY, io
 from ._io import edit_output_path, phase_callback, progress_callback
 
 #: Settings the node reports after a run.
-_REPORTED = ("method", "eta", "iterations", "lr", "guidance", "sampling_steps")
+_REPORTED = ("method", "eta", "iterations", "lr", "guidance", "sampling_steps", "adv_steps")
 #: "0 = auto" hints: the value per model family.
 _AUTO_HINT = {key: auto_hint(ESD_DEFAULTS, key) for key in _REPORTED}
 
@@ -135,6 +135,16 @@ class EraseConceptESD(io.ComfyNode):
                     tooltip="Prompts to erase the concept from, comma-separated (e.g. 'a red circle, a blue "
                     "circle'); empty = the concepts themselves (on ShapesWorld: the concept in every colour).",
                 ),
+                io.Combo.Input(
+                    "adversarial",
+                    options=[AUTO, "on", "off"],
+                    default=AUTO,
+                    optional=True,
+                    tooltip="Train against an attacker: every few steps, token vectors are learned that bring "
+                    "the concept back on the edited model, and the edit learns to erase those too (slower, "
+                    "holds against concept-inversion and prompt attacks). auto: on for ShapesWorld, off for "
+                    "SD families (where it roughly triples the training time).",
+                ),
                 io.String.Input(
                     "preserve",
                     default="",
@@ -179,14 +189,14 @@ class EraseConceptESD(io.ComfyNode):
         low_memory: bool = True,
         erase_from: str = "",
         preserve: str = "",
+        adversarial: str = AUTO,
     ) -> io.NodeOutput:
         path = edit_output_path(file_name, overwrite=overwrite)
         backend = ComfyBackend(model, clip)
         given = dict(method=method, eta=eta, iterations=iterations, lr=lr, guidance=guidance)
         given |= dict(sampling_steps=sampling_steps, erase_from=erase_from, preserve=preserve)
-        settings = esd_settings(
-            backend, concepts, {k: None if v in (0, AUTO) else v for k, v in given.items()}
-        )
+        given = {k: None if v in (0, AUTO) else v for k, v in given.items()}
+        settings = esd_settings(backend, concepts, given | {"adv_steps": adversarial_steps(adversarial)})
         cfg = ESDConfig(
             **settings, anchor=anchor or None, seed=seed, latent_size=resolution // 8 if resolution else None
         )

@@ -43,6 +43,7 @@ class AttackConfig:
     inversion_steps (`int`, defaults to 1500): steps of the inversion embedding (0 = no inversion attack).
     inversion_vectors (`int`, defaults to 8), inversion_lr (`float`, defaults to 3e-3): its size and rate.
     images (`int`, defaults to 8): concept renders the inversion learns from (when none are given).
+    reference (`bool`, defaults to True): also attack the base model (the rows' ``base`` column).
     """
 
     samples: int = 32
@@ -51,6 +52,7 @@ class AttackConfig:
     inversion_vectors: int = 8
     inversion_lr: float = 3e-3
     images: int = 8
+    reference: bool = True
 
 
 def paraphrases(concept: str) -> list[str]:
@@ -102,7 +104,8 @@ def run_attacks(
     cfg: AttackConfig | None = None,
     judge: Judge | None = None,
 ) -> list[dict[str, object]]:
-    """Rows ``{"attack", "prompt", "base", "edited"}`` (concept rates), paraphrases first, then the inversion.
+    """Rows ``{"attack", "prompt", "base", "edited"}`` (concept rates; no ``base`` without ``cfg.reference``),
+    paraphrases first, then the inversion.
 
     ``edit``: LDM-keyed deltas (what :func:`read_edit_file` returns); ``images``: concept images for the
     inversion, default renders of "a <concept>".
@@ -114,7 +117,7 @@ def run_attacks(
         images = list(world.to_tensor(renders))
     rows: dict[tuple[str, str], dict[str, object]] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for model in ("base", "edited"):
+        for model in ("base", "edited") if cfg.reference else ("edited",):
             with attach_edit(backend, edit) if model == "edited" else contextlib.nullcontext():
                 report = evaluate(
                     backend, prompts, EvalConfig(samples=cfg.samples, seed=cfg.seed), judge=judge
@@ -137,7 +140,10 @@ def format_attacks(rows: Sequence[dict[str, object]], concept: str) -> str:
         f"share of samples showing {concept!r}",
         f"{'attack':<19}{'prompt':<{width}}{'base':>6}{'edited':>8}",
     ]
-    lines += [f"{r['attack']:<19}{r['prompt']:<{width}}{r['base']:>6.2f}{r['edited']:>8.2f}" for r in rows]
+    lines += [
+        f"{r['attack']:<19}{r['prompt']:<{width}}{r.get('base', float('nan')):>6.2f}{r['edited']:>8.2f}"
+        for r in rows
+    ]
     worst = max(rows, key=lambda r: r["edited"])
     lines.append(f"strongest attack: {worst['attack']} ({worst['prompt']!r}): {worst['edited']:.2f}")
     return "\n".join(lines)

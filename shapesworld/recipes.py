@@ -50,6 +50,7 @@ DEMO_ESD = dict(
     sampling_steps=20,
     bank_trajectories=4,
     batch_size=8,
+    adv_steps=0,
 )
 # Erasing a style needs a stronger push, a larger bank, more steps and a larger batch than a shape (each
 # raise lowered and steadied what is left of "outlined"; measured: see docs/results.md).

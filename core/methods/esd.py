@@ -41,6 +41,7 @@ from ..sampling import sample_trajectory
 from ..seeding import make_generator
 from ..targets import ESD_METHODS, select_for_method
 from ..trainer import StepCallback, TrainResult, optimise
+from .esd_adv import build_adversary
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +76,13 @@ class ESDConfig:
         batch_size (`int`, defaults to 1): bank entries per optimiser step.
         latent_size (`int`, *optional*): latent height/width of x_t; ``None`` = the model's native size.
         seed (`int`, defaults to 0): seeds the bank and the step sampling.
+        adv_steps (`int`, defaults to 0): adversarial training (see ``esd_adv``): attack steps per round;
+            0 = plain ESD.
+        adv_every (`int`, defaults to 20): training steps between attack rounds.
+        adv_vectors (`int`, defaults to 8), adv_lr (`float`, defaults to 3e-3): the attack's token vectors.
+        adv_weight (`float`, defaults to 2.0): weight of the adversarial prompts' loss.
+        adv_retain (`float`, defaults to 1.0): weight, relative to ``adv_weight``, of an extra batch of the
+            ``preserve`` prompts each adversarial step.
     """
 
     concepts: tuple[str, ...]
@@ -92,6 +100,12 @@ class ESDConfig:
     batch_size: int = 1
     latent_size: int | None = None
     seed: int = 0
+    adv_steps: int = 0
+    adv_every: int = 20
+    adv_vectors: int = 8
+    adv_weight: float = 2.0
+    adv_lr: float = 3e-3
+    adv_retain: float = 1.0
 
     def __post_init__(self) -> None:
         concepts = parse_concepts(self.concepts)
@@ -106,10 +120,26 @@ class ESDConfig:
             object.__setattr__(self, "anchor", None)
         if self.method not in ESD_METHODS:
             raise ConceptGuardError(f"`method` must be one of {sorted(ESD_METHODS)}, got {self.method!r}.")
-        for name in ("iterations", "sampling_steps", "bank_trajectories", "batch_size"):
+        for name in (
+            "iterations",
+            "sampling_steps",
+            "bank_trajectories",
+            "batch_size",
+            "adv_every",
+            "adv_vectors",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ConceptGuardError(f"`{name}` must be a positive integer, got {value!r}.")
+        if not isinstance(self.adv_steps, int) or not 0 <= self.adv_steps <= 10000:
+            raise ConceptGuardError(
+                f"`adv_steps` must be in [0, 10000] (0 = plain ESD), got {self.adv_steps!r}."
+            )
+        if not (0 <= self.adv_weight <= 100 and 0 <= self.adv_retain <= 100 and 0 < self.adv_lr < 1):
+            raise ConceptGuardError(
+                f"`adv_weight` and `adv_retain` must be in [0, 100] and `adv_lr` in (0, 1), got "
+                f"{self.adv_weight!r}, {self.adv_retain!r}, {self.adv_lr!r}."
+            )
         if not (self.lr > 0 and self.lr < 1):
             raise ConceptGuardError(f"`lr` must be in (0, 1), got {self.lr!r}; ESD uses 1e-5 … 1e-4.")
         if not (0 <= self.eta <= 20):
@@ -136,6 +166,7 @@ _ESD_SUMMARY = (
     "eta",
     "iterations",
     "lr",
+    "adv_steps",
 )
 
 
@@ -350,11 +381,17 @@ def train(
         len(bank),
         setup_seconds,
     )
+    adversary = build_adversary(backend, cfg, bank, make_generator(cfg.seed + 2)) if cfg.adv_steps else None
     deltas = backend.attach_deltas(names)
     try:
 
         def loss_fn(step: int, gen: torch.Generator) -> torch.Tensor:
-            return esd_loss(backend, bank, schedule[step])
+            loss = esd_loss(backend, bank, schedule[step])
+            if adversary is None:
+                return loss
+            if step % cfg.adv_every == 0:
+                adversary.attack(cfg.adv_steps, gen)
+            return loss + cfg.adv_weight * adversary.loss(gen, cfg.adv_retain)
 
         if on_phase:
             on_phase("training")

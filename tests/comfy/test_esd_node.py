@@ -26,6 +26,7 @@ from concept_guard.core.errors import ConceptGuardError, OutputPathError, Traini
 from concept_guard.nodes import CATEGORY
 from concept_guard.nodes import esd as esd_node
 from concept_guard.nodes.esd import EraseConceptESD
+from concept_guard.presets import ADV_STEPS_ON
 from safetensors import safe_open
 from tiny_checkpoint import lively_
 
@@ -272,3 +273,13 @@ def test_sdxl_and_vprediction_models_train(kind, clip, loras_dir):
     assert weights_sha(model) == sha_before
     assert (probe_eps(edited, clip) - eps_before).abs().max() > 1e-4
     assert torch.equal(probe_eps(model, clip), eps_before)
+
+
+def test_adversarial_on_trains_against_the_attack_and_leaves_the_input_bit_identical(model, clip, loras_dir):
+    sha_before, eps_before = weights_sha(model), probe_eps(model, clip)
+    edited, path, report = run_node(model, clip, adversarial="on", file_name="robust")
+    with safe_open(path, framework="pt") as f:
+        meta = f.metadata()
+    assert meta["concept_guard.adv_steps"] == str(ADV_STEPS_ON) and "adv_steps 100" in report
+    assert (probe_eps(edited, clip) - eps_before).abs().max() > 1e-4
+    assert torch.equal(probe_eps(model, clip), eps_before) and weights_sha(model) == sha_before
