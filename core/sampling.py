@@ -14,7 +14,7 @@ cheaper than re-sampling one trajectory per training step.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import torch
@@ -112,6 +112,7 @@ def _run(
     latent_size: int | Sequence[int] | None,
     eta: float,
     keep: Sequence[int] | None,
+    on_step: Callable[[], None] | None = None,
 ):
     _check(steps, guidance, eta, generator, seed)
     batch = len(cond) if batch is None else int(batch)
@@ -132,6 +133,8 @@ def _run(
         e = _guided_eps(backend, x, t, cond, uncond, guidance)
         x = scheduler.step(e, t, x, eta=eta, generator=generator).prev_sample
         logger.debug("DDIM step %d/%d (t=%d)", i + 1, steps, int(t))
+        if on_step is not None:
+            on_step()
     return x, kept, kept_t
 
 
@@ -192,12 +195,14 @@ def sample_trajectory(
     latent_size: int | Sequence[int] | None = None,
     eta: float = 0.0,
     keep: Sequence[int] | None = None,
+    on_step: Callable[[], None] | None = None,
 ) -> Trajectory:
     """Run :func:`sample` and keep the intermediate ``x_t`` (the UNet's input) at the chosen steps.
 
     All trajectories of the batch are sampled together; ``keep`` lists step indices (0 = the initial noise
     at the largest timestep, negative indices count from the end); ``None`` keeps every step. Other
-    arguments are those of :func:`sample`.
+    arguments are those of :func:`sample`. ``on_step`` is called after every DDIM step (it may raise to
+    interrupt).
 
     Returns:
         :class:`Trajectory` (``latents [S, B, C, h, w]``, ``timesteps [S]``), unpackable as a tuple.
@@ -214,6 +219,7 @@ def sample_trajectory(
         latent_size=latent_size,
         eta=eta,
         keep=keep,
+        on_step=on_step,
     )
     if not kept:
         raise ConceptGuardError(f"`keep`={keep!r} selects none of the {steps} steps.")

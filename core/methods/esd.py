@@ -270,9 +270,8 @@ def _sample_bank(
             guidance=cfg.guidance,
             generator=gen,
             latent_size=cfg.latent_size,
+            on_step=on_progress,
         )  # traj: [S, B, C, h, w]; steps: [S] timesteps at which each x_t is evaluated
-        if on_progress:
-            on_progress()
         xs.append(traj.flatten(0, 1).cpu())
         ts.append(steps.repeat_interleave(traj.shape[1]).cpu())
         idx.append(torch.full((xs[-1].shape[0],), len(conds), dtype=torch.long))
@@ -297,7 +296,7 @@ def build_bank(
     targets, the others stay zero. ``None`` = every entry.
 
     Must be called while every delta is off (inside ``deltas.teacher()``) or before deltas exist.
-    ``on_progress`` is called after each sampled concept and each batch of targets; it may raise to
+    ``on_progress`` is called after each DDIM step of the trajectories and each batch of targets; it may raise to
     interrupt (nothing has been attached or written yet).
     """
     gen = make_generator(cfg.seed)

@@ -266,3 +266,12 @@ def test_bank_computes_targets_only_for_the_rows_training_draws(sd1_backend):
     unused = torch.ones(len(full), dtype=torch.bool)
     unused[used] = False
     assert lazy.target[unused].abs().sum() == 0 and full.target[unused].abs().sum() > 0
+
+
+def test_bank_sampling_ticks_every_ddim_step(sd1_backend):
+    ticks = []
+    build_bank(
+        sd1_backend, ESDConfig(concepts=("circle", "star"), **FAST), on_progress=lambda: ticks.append(1)
+    )
+    targets = 2  # one batch of targets per concept
+    assert len(ticks) == 2 * FAST["sampling_steps"] + targets
