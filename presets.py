@@ -10,6 +10,9 @@ work on the model in hand:
 - ShapesWorld: attn2 to_k/to_v (esd-x-strict), η 3, 400 steps, lr 3e-3, CFG 5, and for a shape or style the
   concept erased from its prompts in every colour while the other shapes and colours are held in place.
 
+Adversarial ESD (``adv_steps``) is off on every family unless asked for: on ShapesWorld it lowers what concept
+inversion brings back but costs the most similar shape (docs/results.md).
+
 Backdoored textual inversion: SD families keep the trainer's defaults (2 vectors from "object", γ 1, 1000
 steps, lr 5e-3); ShapesWorld gets its measured recipe (8 vectors from "shape", γ 0.3, 5000 steps, lr 3e-3).
 """

@@ -32,6 +32,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--images", default=None, help="folder of concept images for the inversion (default: renders)"
     )
     p.add_argument("--inversion-steps", type=int, default=1500, help="0 = no inversion attack (default 1500)")
+    p.add_argument(
+        "--no-base", action="store_true", help="attack only the edited model (the base column stays empty)"
+    )
     p.add_argument("--samples", type=int, default=32, help="judged samples per prompt (default 32)")
     p.add_argument("--seed", type=int, default=300)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -54,7 +57,9 @@ def run(args: argparse.Namespace) -> int:
             "supported; on other models check an edit with the concept score `concept-guard erase` prints."
         )
     prompts = args.prompts or paraphrases(args.concept)  # an unknown label fails here, before any work
-    cfg = AttackConfig(samples=args.samples, seed=args.seed, inversion_steps=args.inversion_steps)
+    cfg = AttackConfig(
+        samples=args.samples, seed=args.seed, inversion_steps=args.inversion_steps, reference=not args.no_base
+    )
     images = load_images(args.images) if args.images else None
     if args.threads:
         torch.set_num_threads(args.threads)

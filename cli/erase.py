@@ -69,7 +69,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--adversarial",
         default=None,
         choices=["on", "off"],
-        help="train against a concept-inversion attacker (default: on for shapesworld, off for SD families)",
+        help="train against a token-vector attacker that brings the concept back (slower; default off)",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cuda, cpu, … (default: cuda if available)")

@@ -81,7 +81,7 @@ class ESDConfig:
         adv_every (`int`, defaults to 20): training steps between attack rounds.
         adv_vectors (`int`, defaults to 8), adv_lr (`float`, defaults to 3e-3): the attack's token vectors.
         adv_weight (`float`, defaults to 2.0): weight of the adversarial prompts' loss.
-        adv_retain (`float`, defaults to 1.0): weight, relative to ``adv_weight``, of an extra batch of the
+        adv_retain (`float`, defaults to 0.5): weight, relative to ``adv_weight``, of an extra batch of the
             ``preserve`` prompts each adversarial step.
     """
 
@@ -105,7 +105,7 @@ class ESDConfig:
     adv_vectors: int = 8
     adv_weight: float = 2.0
     adv_lr: float = 3e-3
-    adv_retain: float = 1.0
+    adv_retain: float = 0.5
 
     def __post_init__(self) -> None:
         concepts = parse_concepts(self.concepts)

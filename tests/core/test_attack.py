@@ -54,3 +54,14 @@ def test_cli_refuses_other_models_and_unknown_labels_before_any_work(tmp_path, c
     assert cli_main([*args, "--inversion-steps", "0", "--samples", "2", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)["rows"]
     assert [r["prompt"] for r in rows] == ["a circle"]
+    assert cli_main([*args, "--inversion-steps", "0", "--samples", "2", "--no-base"]) == 0
+    table = capsys.readouterr().out
+    assert "a circle" in table and "nan" in table  # the edited model only: no base column values
+    rows = run_attacks(
+        backend,
+        _zero_edit(backend),
+        "circle",
+        prompts=["a circle"],
+        cfg=AttackConfig(samples=2, inversion_steps=0, reference=False),
+    )
+    assert list(rows[0]) == ["attack", "prompt", "edited"]

@@ -42,6 +42,8 @@ HELD_OUT_CIRCLE = (
     "a simple yellow circle, high quality",
 )
 OTHER_SHAPES = KEPT_PROMPTS
+# Circle rate under concept inversion of the adversarial edit (mean of three prompts); plain ESD: 0.97–1.00.
+INVERSION_BAR = 0.8
 # GRID: every shape in every colour once (25 prompts x 32 samples, seed 500 + index).
 
 
@@ -163,6 +165,24 @@ def test_esd_x_strict_erases_circle_and_preserves_other_shapes_and_colours(backe
     assert_within(*shapes, 0.05, "shape")
     # Purple moves the most (about 5 points; measured: see docs/results.md).
     assert_within(*colours, 0.05, "colour")
+
+
+def test_adversarial_esd_erases_and_resists_concept_inversion(backend, judge):
+    """``adversarial on`` over the auto recipe (what the node and CLI run): circles stay erased, and the attack
+    harness's concept inversion (a textual-inversion embedding learned from circle renders against the edited
+    model, three prompts) brings far fewer back than from plain ESD (0.97–1.00; docs/results.md)."""
+    from concept_guard.presets import adversarial_steps
+    from concept_guard.shapesworld.attack import AttackConfig, run_attacks
+
+    settings = esd_settings(backend, "circle", {"adv_steps": adversarial_steps("on")})
+    result = train(ESDConfig(seed=0, **settings), backend)
+    cfg = AttackConfig(samples=32, reference=False)
+    rows = run_attacks(backend, result.tensors, "circle", prompts=list(HELD_OUT_CIRCLE), cfg=cfg, judge=judge)
+    found = {r["prompt"]: r["edited"] for r in rows}
+    inversion = {r["prompt"]: r["edited"] for r in rows if r["attack"] == "concept inversion"}
+    print({"adversarial ESD under attack": found})
+    assert max(found[p] for p in HELD_OUT_CIRCLE) <= 0.15, found
+    assert len(inversion) == 3 and mean(inversion) <= INVERSION_BAR, inversion  # measured 0.65
 
 
 def test_esd_x_strict_erases_outlined_style_and_preserves_shapes(backend, judge, grid_before):
