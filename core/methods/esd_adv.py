@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ..backend import PLACEHOLDER, Conditioning, DiffusionBackend
+from .esd_config import ESDConfig
 
 #: Bank rows of the erase prompts that the attack and the adversarial term draw from.
 MAX_ROWS = 256
@@ -158,9 +159,9 @@ def frozen_predictions(
     return out
 
 
-def build_adversary(backend: DiffusionBackend, cfg: Any, bank: Any, gen: torch.Generator) -> Adversary:
+def build_adversary(backend: DiffusionBackend, cfg: ESDConfig, bank: Any, gen: torch.Generator) -> Adversary:
     """The attack's rows (up to :data:`MAX_ROWS` entries of the erase prompts of ESD's trajectory ``bank``)
-    with their frozen predictions and ESD targets, for an ``ESDConfig`` ``cfg``. Call before any delta is
+    with their frozen predictions and ESD targets. Call before any delta is
     attached (the frozen model is the UNet as loaded)."""
     jobs = erase_prompts(cfg.concepts, cfg.erase_from)
     rows = torch.nonzero(bank.concept < len(jobs)).flatten()
