@@ -15,6 +15,8 @@ from ._io import edit_output_path, phase_callback, progress_callback
 
 #: Settings the node reports after a run.
 _REPORTED = ("method", "eta", "iterations", "lr", "guidance", "sampling_steps", "adv_steps")
+#: Choices of the ``adversarial`` input.
+_ADVERSARIAL = (AUTO, "on", "off")
 #: "0 = auto" hints: the value per model family.
 _AUTO_HINT = {key: auto_hint(ESD_DEFAULTS, key) for key in _REPORTED}
 
@@ -137,7 +139,7 @@ class EraseConceptESD(io.ComfyNode):
                 ),
                 io.Combo.Input(
                     "adversarial",
-                    options=[AUTO, "on", "off"],
+                    options=list(_ADVERSARIAL),
                     default=AUTO,
                     optional=True,
                     tooltip="Train against an attacker: every few steps, token vectors are learned that bring "
@@ -162,11 +164,14 @@ class EraseConceptESD(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, concepts: str = "") -> bool | str:
+    def validate_inputs(cls, concepts: str = "", adversarial: str = AUTO) -> bool | str:
         # Only the inputs checked here are named: ComfyUI skips its own min/max/combo checks for every input
-        # this signature names, and for all of them if it takes **kwargs.
+        # this signature names, and for all of them if it takes **kwargs. (ComfyUI 0.3.64 checks no V3 combo
+        # value at queue time, so the combo is checked here.)
         if isinstance(concepts, str) and not parse_concepts(concepts):
             return "`concepts` is empty: name at least one concept to erase, e.g. 'circle'."
+        if adversarial not in _ADVERSARIAL:
+            return f"`adversarial` must be one of {list(_ADVERSARIAL)}, got {adversarial!r}."
         return True
 
     @classmethod

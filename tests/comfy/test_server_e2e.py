@@ -191,6 +191,7 @@ def test_backdoor_ti_workflow_writes_an_embedding_the_stock_prompt_syntax_uses(
     [
         ("esd_erase_and_sample.json", ESD, {"guidance": 1000.0}, "value_bigger_than_max"),
         ("esd_erase_and_sample.json", ESD, {"iterations": -1}, "value_smaller_than_min"),
+        ("esd_erase_and_sample.json", ESD, {"adversarial": "maybe"}, "custom_validation_failed"),
         ("backdoor_ti_embedding.json", TI, {"batch_size": 0}, "value_smaller_than_min"),
     ],
 )
@@ -204,7 +205,7 @@ def test_out_of_range_values_are_refused_at_queue_time(
     assert status == 400, body
     errors = body["node_errors"][node_id]["errors"]
     (name,) = inputs
-    assert any(e["type"] == kind and e["details"] == name for e in errors), errors
+    assert any(e["type"] == kind and e["details"].split(" - ")[0] == name for e in errors), errors
 
 
 def test_template_browser_lists_every_example_with_its_thumbnail(comfy_server):
@@ -217,6 +218,18 @@ def test_template_browser_lists_every_example_with_its_thumbnail(comfy_server):
         url = f"{comfy_server.url}/api/workflow_templates/{PACK_NAME}/{name}.jpg"
         with urllib.request.urlopen(url, timeout=30) as response:
             assert response.status == 200 and response.read(3) == b"\xff\xd8\xff"  # a JPEG
+
+
+def _compare_graph(prompts: str, samples: int) -> dict:
+    """Load ShapesWorld -> Compare Models (the model against itself) with the given prompts and samples."""
+    inputs = {"base": ["1", 0], "edited": ["1", 0], "clip": ["1", 1], "vae": ["1", 2], "seed": 0, "steps": 1}
+    return {
+        "1": {"class_type": "ConceptGuardLoadShapesWorld", "inputs": {}},
+        "2": {
+            "class_type": "ConceptGuardCompareModels",
+            "inputs": {**inputs, "prompts": prompts, "samples": samples, "cfg": 1.0},
+        },
+    }
 
 
 @pytest.mark.parametrize(
@@ -237,44 +250,12 @@ def test_template_browser_lists_every_example_with_its_thumbnail(comfy_server):
             "custom_validation_failed",
         ),
         (
-            {
-                "1": {"class_type": "ConceptGuardLoadShapesWorld", "inputs": {}},
-                "2": {
-                    "class_type": "ConceptGuardCompareModels",
-                    "inputs": {
-                        "base": ["1", 0],
-                        "edited": ["1", 0],
-                        "clip": ["1", 1],
-                        "vae": ["1", 2],
-                        "prompts": " ",
-                        "seed": 0,
-                        "samples": 1,
-                        "steps": 1,
-                        "cfg": 1.0,
-                    },
-                },
-            },
+            _compare_graph(prompts=" ", samples=1),
             "2",
             "custom_validation_failed",
         ),
         (
-            {
-                "1": {"class_type": "ConceptGuardLoadShapesWorld", "inputs": {}},
-                "2": {
-                    "class_type": "ConceptGuardCompareModels",
-                    "inputs": {
-                        "base": ["1", 0],
-                        "edited": ["1", 0],
-                        "clip": ["1", 1],
-                        "vae": ["1", 2],
-                        "prompts": "a circle",
-                        "seed": 0,
-                        "samples": 0,
-                        "steps": 1,
-                        "cfg": 1.0,
-                    },
-                },
-            },
+            _compare_graph(prompts="a circle", samples=0),
             "2",
             "value_smaller_than_min",
         ),
