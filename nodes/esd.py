@@ -170,7 +170,7 @@ class EraseConceptESD(io.ComfyNode):
         # value at queue time, so the combo is checked here.)
         if isinstance(concepts, str) and not parse_concepts(concepts):
             return "`concepts` is empty: name at least one concept to erase, e.g. 'circle'."
-        if adversarial not in _ADVERSARIAL:
+        if adversarial not in (*_ADVERSARIAL, ""):  # the page sends "" for a combo it has no value for: auto
             return f"`adversarial` must be one of {list(_ADVERSARIAL)}, got {adversarial!r}."
         return True
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 OUT = Path(__file__).resolve().parents[1] / "example_workflows"
 # ESD widgets: concepts, method, anchor, eta, iterations, lr, seed, file_name, overwrite, guidance,
-# sampling_steps, resolution, low_memory, erase_from, preserve (0 / "auto" = chosen by model).
-ESD_AUTO = ["circle", "auto", "", 0.0, 0, 0.0, 0, "", False, 0.0, 0, 0, True, "", ""]
+# sampling_steps, resolution, low_memory, erase_from, preserve, adversarial (0 / "auto" = chosen by model).
+ESD_AUTO = ["circle", "auto", "", 0.0, 0, 0.0, 0, "", False, 0.0, 0, 0, True, "", "", "auto"]
 PROMPT = "a red circle on a white background, a blue square"
 
 
