@@ -24,7 +24,7 @@ from collections.abc import Mapping
 from .core.backend import DiffusionBackend
 from .core.methods.esd import parse_concepts
 from .shapesworld import shapesworld_fingerprint
-from .shapesworld.recipes import DEMO_BACKDOOR_TI, DEMO_ESD, shapesworld_recipe
+from .shapesworld.recipes import DEMO_BACKDOOR_TI, DEMO_ESD, DEMO_SAFEGEN, shapesworld_recipe
 
 #: What a node shows for a setting chosen by model (numbers use 0, methods this word).
 AUTO = "auto"
@@ -45,6 +45,28 @@ TI_DEFAULTS: dict[str, dict[str, object]] = {
     "sd2": _TI_SD,
     "sdxl": _TI_SD,
     "shapesworld": {k: v for k, v in DEMO_BACKDOOR_TI.items() if k != "triggers"},
+}
+
+
+#: SafeGen: the official script's values on SD families (1000 steps of 5 triplets, lr 1e-5, the paper's target,
+#: the official 0.5/0.5 weights) with a 32-pixel mosaic and the frozen teacher as the preservation target;
+#: ShapesWorld gets its measured recipe (docs/results.md).
+_SAFEGEN_SD = dict(
+    steps=1000,
+    lr=1e-5,
+    batch_size=5,
+    mosaic_block=32,
+    target="paper",
+    preserve_target="teacher",
+    weight_mosaic=0.5,
+    weight_preserve=0.5,
+    max_timestep=1000,
+)
+SAFEGEN_DEFAULTS: dict[str, dict[str, object]] = {
+    "sd1": _SAFEGEN_SD,
+    "sd2": _SAFEGEN_SD,
+    "sdxl": {**_SAFEGEN_SD, "mosaic_block": 64},
+    "shapesworld": dict(DEMO_SAFEGEN),
 }
 
 
@@ -92,6 +114,14 @@ def ti_settings(backend: DiffusionBackend, given: Mapping[str, object]) -> dict[
     """``BackdoorTIConfig`` keyword arguments: the ``given`` values, every ``None`` filled in from the model
     family's defaults (on ShapesWorld: the measured backdoor recipe, 8 vectors from "shape", γ 0.3)."""
     settings = dict(TI_DEFAULTS[model_family(backend)])
+    settings.update({k: v for k, v in given.items() if v is not None})
+    return settings
+
+
+def safegen_settings(backend: DiffusionBackend, given: Mapping[str, object]) -> dict[str, object]:
+    """``SafeGenConfig`` keyword arguments: the ``given`` values, every ``None`` filled in from the model family's
+    defaults."""
+    settings = dict(SAFEGEN_DEFAULTS[model_family(backend)])
     settings.update({k: v for k, v in given.items() if v is not None})
     return settings
 

@@ -13,10 +13,10 @@ from collections.abc import Sequence
 
 from ..core.errors import ConceptGuardError
 from ..core.version import __version__
-from . import attack, backdoor_ti, demo, edits, erase, evaluate, shapesworld
+from . import attack, backdoor_ti, demo, edits, erase, evaluate, safegen, shapesworld
 
 #: The subcommands, in the order ``--help`` lists them.
-_SUBCOMMANDS = (shapesworld, evaluate, erase, backdoor_ti, edits, attack, demo)
+_SUBCOMMANDS = (shapesworld, evaluate, erase, safegen, backdoor_ti, edits, attack, demo)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -12,11 +12,13 @@ from .backdoor_ti import BackdoorTIEmbedding
 from .compare import CompareModels
 from .convert_edit import ConvertEdit
 from .esd import EraseConceptESD
+from .safegen import EraseVisualConceptSafeGen
 from .shapesworld import LoadShapesWorld, ShapesWorldJudge
 
 #: Every node class the pack registers (V3 ``io.ComfyNode`` subclasses).
 NODE_CLASSES: list[type[io.ComfyNode]] = [
     EraseConceptESD,
+    EraseVisualConceptSafeGen,
     BackdoorTIEmbedding,
     ApplyEditedUNet,
     ConvertEdit,

@@ -57,6 +57,20 @@ DEMO_ESD = dict(
 DEMO_ESD_STYLE = {**DEMO_ESD, "eta": 7.0, "bank_trajectories": 8, "iterations": 600, "batch_size": 16}
 
 
+# SafeGen on ShapesWorld (scripts/safegen_report.py and docs/results.md): measured, see there.
+DEMO_SAFEGEN = dict(
+    steps=1000,
+    lr=1e-4,
+    batch_size=8,
+    mosaic_block=8,
+    target="exact",
+    preserve_target="teacher",
+    weight_mosaic=0.3,
+    weight_preserve=0.7,
+    max_timestep=600,
+)
+
+
 # Backdoored TI on ShapesWorld (scripts/ti_backdoor_report.py and docs/results.md): 8 renders
 # of BACKDOOR_CONCEPT (hearts in random colours, so S* stands for the shape alone), trigger "red", loss
 # weights up to 5 at high noise (the default). γ 0.3 and the default decoy share: a lower γ or more decoys
