@@ -13,7 +13,7 @@ from .compare import CompareModels
 from .convert_edit import ConvertEdit
 from .esd import EraseConceptESD
 from .safegen import EraseVisualConceptSafeGen
-from .shapesworld import LoadShapesWorld, ShapesWorldJudge
+from .shapesworld import LoadShapesWorld, ShapesWorldJudge, ShapesWorldRender
 
 #: Every node class the pack registers (V3 ``io.ComfyNode`` subclasses).
 NODE_CLASSES: list[type[io.ComfyNode]] = [
@@ -24,6 +24,7 @@ NODE_CLASSES: list[type[io.ComfyNode]] = [
     ConvertEdit,
     CompareModels,
     LoadShapesWorld,
+    ShapesWorldRender,
     ShapesWorldJudge,
 ]
 

@@ -7,8 +7,12 @@ measure whether an edit worked.
 
 from __future__ import annotations
 
+import torch
+
 from ..comfy_backend.shapesworld import load_shapesworld_comfy
+from ..shapesworld import world
 from ..shapesworld.judge import load_judge
+from ..shapesworld.mosaic import load_detector
 from ..shapesworld.report import judge_table
 from ._api import CATEGORY, io, ui
 
@@ -33,6 +37,38 @@ class LoadShapesWorld(io.ComfyNode):
         return io.NodeOutput(converted.model, converted.clip, converted.vae)
 
 
+class ShapesWorldRender(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="ConceptGuardShapesWorldRender",
+            display_name="ShapesWorld Render",
+            category=f"{CATEGORY}/demo",
+            description="Ground-truth ShapesWorld images for a prompt, drawn by the world itself (not by a "
+            "model): what the prompt names is fixed, the rest random. Feed them to the SafeGen or Backdoor TI "
+            "node as images of a concept.",
+            inputs=[
+                io.String.Input(
+                    "prompt", default="a heart", tooltip="e.g. 'a heart' or 'an outlined red star'."
+                ),
+                io.Int.Input("count", default=8, min=1, max=256),
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, control_after_generate=False),
+            ],
+            outputs=[io.Image.Output(display_name="images")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, prompt: str = "") -> bool | str:
+        if not prompt.strip():
+            return "`prompt` is empty: name a shape, colour, background or style, e.g. 'a heart'."
+        return True
+
+    @classmethod
+    def execute(cls, prompt: str, count: int, seed: int) -> io.NodeOutput:
+        images, _ = world.render_prompt(prompt, count, seed)
+        return io.NodeOutput(torch.from_numpy(images).float() / 255.0)
+
+
 class ShapesWorldJudge(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -41,7 +77,8 @@ class ShapesWorldJudge(io.ComfyNode):
             display_name="ShapesWorld Judge",
             category=f"{CATEGORY}/demo",
             description="Say what ShapesWorld images show: the share of images with each shape, colour, "
-            "background and style, and the share showing `label` (e.g. 'circle').",
+            "background and style, the share that are mosaics, and the share showing `label` (e.g. 'circle' "
+            "or 'mosaic').",
             inputs=[
                 io.Image.Input("images", tooltip="ShapesWorld images (any size; judged at 32 px)."),
                 io.String.Input(
@@ -54,12 +91,17 @@ class ShapesWorldJudge(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, label: str = "") -> bool | str:
-        from ..shapesworld.report import label_head
+        from ..shapesworld.report import MOSAIC, label_head
 
-        return True if label_head(label) else f"`label` {label!r} is not a ShapesWorld label."
+        if label_head(label) or label.strip().lower() == MOSAIC:
+            return True
+        return (
+            f"`label` {label!r} is not a ShapesWorld label (a shape, colour, background, style or 'mosaic')."
+        )
 
     @classmethod
     def execute(cls, images, label: str) -> io.NodeOutput:
-        labels = load_judge().classify(images.movedim(-1, 1))
-        table, rate = judge_table(labels, label)
+        pixels = images.movedim(-1, 1)
+        labels, mosaic = load_judge().classify(pixels), load_detector().detect(pixels)
+        table, rate = judge_table(labels, label, mosaic)
         return io.NodeOutput(table, rate, ui=ui.PreviewText(table))

@@ -1,4 +1,5 @@
-"""Write the ShapesWorld example workflows (example_workflows/shapesworld_*.json) in the frontend's graph format.
+"""Write the generated example workflows (example_workflows/shapesworld_*.json, safegen_censor.json) in the
+frontend's graph format.
 
 Run: python scripts/make_shapesworld_workflows.py
 """
@@ -13,6 +14,9 @@ OUT = Path(__file__).resolve().parents[1] / "example_workflows"
 # sampling_steps, resolution, low_memory, erase_from, preserve, adversarial (0 / "auto" = chosen by model).
 ESD_AUTO = ["circle", "auto", "", 0.0, 0, 0.0, 0, "", False, 0.0, 0, 0, True, "", "", "auto"]
 PROMPT = "a red circle on a white background, a blue square"
+# SafeGen widgets: mosaic_block, steps, lr, seed, file_name, then the optional benign_prompts, overwrite,
+# resolution, low_memory (0 = chosen by model).
+SAFEGEN_AUTO = [0, 0, 0.0, 0, "", "", False, 0, True]
 
 
 class Graph:
@@ -65,7 +69,15 @@ class Graph:
 
 
 def sample_and_judge(
-    g: Graph, model: int, pos_cond: int, neg_cond: int, latent: int, vae: int, y: int, title: str
+    g: Graph,
+    model: int,
+    pos_cond: int,
+    neg_cond: int,
+    latent: int,
+    vae: int,
+    y: int,
+    title: str,
+    label: str = "circle",
 ):
     sampler = g.node(
         "KSampler",
@@ -86,7 +98,7 @@ def sample_and_judge(
     judge = g.node(
         "ConceptGuardShapesWorldJudge",
         (1440, y + 120),
-        ["circle"],
+        [label],
         [("table", "STRING"), ("rate", "FLOAT")],
         (300, 150),
     )
@@ -135,5 +147,90 @@ def erase_workflow() -> None:
     g.save("shapesworld_erase.json")
 
 
+SAFEGEN_OUT = [("MODEL", "MODEL"), ("path", "STRING"), ("report", "STRING")]
+
+
+def shapesworld_safegen_workflow() -> None:
+    g = Graph()
+    load = g.node(
+        "ConceptGuardLoadShapesWorld", (0, 200), [], [("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")]
+    )
+    render = g.node("ConceptGuardShapesWorldRender", (0, 0), ["a heart", 32, 0], [("images", "IMAGE")])
+    safegen = g.node("ConceptGuardSafeGen", (360, 0), SAFEGEN_AUTO, SAFEGEN_OUT, (360, 420))
+    g.link(load, 0, safegen, "model")
+    g.link(load, 1, safegen, "clip")
+    g.link(load, 2, safegen, "vae")
+    g.link(render, 0, safegen, "images")
+    pos = g.node(
+        "CLIPTextEncode", (760, 0), ["a red heart on a white background"], [("CONDITIONING", "CONDITIONING")]
+    )
+    g.link(load, 1, pos, "clip")
+    neg = g.node("CLIPTextEncode", (760, 200), [""], [("CONDITIONING", "CONDITIONING")])
+    g.link(load, 1, neg, "clip")
+    latent = g.node("EmptyLatentImage", (760, 400), [64, 64, 16], [("LATENT", "LATENT")])
+    sample_and_judge(g, load, pos, neg, latent, load, 0, "before", "heart")
+    sample_and_judge(g, safegen, pos, neg, latent, load, 420, "after", "mosaic")
+    report = g.node("PreviewAny", (760, 560), [], [], (300, 150))
+    g.link(safegen, 2, report, "source")
+    g.node(
+        "MarkdownNote",
+        (0, 420),
+        [
+            "### Censor what images show, whatever the prompt\n\n**ShapesWorld Render** draws 32 hearts; "
+            "**Erase Visual Concept (SafeGen)** teaches the demo model's self-attention to turn them into a "
+            "mosaic, with the settings chosen for this model (all on auto). The two KSamplers use the same seed: "
+            "above the base model, below the edited one; each **ShapesWorld Judge** counts hearts and mosaics."
+        ],
+        [],
+        (320, 260),
+    )
+    g.save("shapesworld_safegen.json")
+
+
+def safegen_censor_workflow() -> None:
+    """LoadImage (a batch from a folder is one IMAGE) -> SafeGen -> KSampler, on any SD checkpoint."""
+    g = Graph()
+    ckpt = g.node(
+        "CheckpointLoaderSimple",
+        (0, 0),
+        ["v1-5-pruned-emaonly-fp16.safetensors"],
+        [("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")],
+    )
+    image = g.node("LoadImage", (0, 200), ["concept.png", "image"], [("IMAGE", "IMAGE"), ("MASK", "MASK")])
+    widgets = list(SAFEGEN_AUTO)
+    widgets[4] = "censored_concept"  # file_name
+    safegen = g.node("ConceptGuardSafeGen", (360, 0), widgets, SAFEGEN_OUT, (360, 420))
+    g.link(ckpt, 0, safegen, "model")
+    g.link(ckpt, 1, safegen, "clip")
+    g.link(ckpt, 2, safegen, "vae")
+    g.link(image, 0, safegen, "images")
+    pos = g.node("CLIPTextEncode", (760, 0), ["a photo of the concept"], [("CONDITIONING", "CONDITIONING")])
+    g.link(ckpt, 1, pos, "clip")
+    neg = g.node("CLIPTextEncode", (760, 200), [""], [("CONDITIONING", "CONDITIONING")])
+    g.link(ckpt, 1, neg, "clip")
+    latent = g.node("EmptyLatentImage", (760, 400), [512, 512, 1], [("LATENT", "LATENT")])
+    sampler = g.node(
+        "KSampler",
+        (1100, 0),
+        [7, "fixed", 20, 7.0, "euler", "normal", 1.0],
+        [("LATENT", "LATENT")],
+        (300, 262),
+    )
+    g.link(safegen, 0, sampler, "model")
+    g.link(pos, 0, sampler, "positive")
+    g.link(neg, 0, sampler, "negative")
+    g.link(latent, 0, sampler, "latent_image")
+    decode = g.node("VAEDecode", (1440, 0), [], [("IMAGE", "IMAGE")], (200, 50))
+    g.link(sampler, 0, decode, "samples")
+    g.link(ckpt, 2, decode, "vae")
+    preview = g.node("PreviewImage", (1680, 0), [], [], (260, 260))
+    g.link(decode, 0, preview, "images")
+    report = g.node("PreviewAny", (760, 560), [], [], (300, 150))
+    g.link(safegen, 2, report, "source")
+    g.save("safegen_censor.json")
+
+
 if __name__ == "__main__":
     erase_workflow()
+    shapesworld_safegen_workflow()
+    safegen_censor_workflow()

@@ -26,6 +26,8 @@ EXPECTED_NODE_IDS = {
     "ConceptGuardCompareModels",
     "ConceptGuardLoadShapesWorld",
     "ConceptGuardShapesWorldJudge",
+    "ConceptGuardShapesWorldRender",
+    "ConceptGuardSafeGen",
 }
 
 

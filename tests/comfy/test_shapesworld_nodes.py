@@ -8,8 +8,9 @@ from concept_guard.comfy_backend.backend import ComfyBackend
 from concept_guard.comfy_backend.compare import sample_models
 from concept_guard.core.errors import ConceptGuardError
 from concept_guard.core.grid import grid_tensor, labelled_grid
+from concept_guard.core.methods.safegen import pixelate
 from concept_guard.nodes.compare import CompareModels
-from concept_guard.nodes.shapesworld import LoadShapesWorld, ShapesWorldJudge
+from concept_guard.nodes.shapesworld import LoadShapesWorld, ShapesWorldJudge, ShapesWorldRender
 from concept_guard.presets import esd_settings, model_family
 from concept_guard.shapesworld import shapesworld_fingerprint, world
 
@@ -38,6 +39,20 @@ def test_judge_node_counts_the_label():
     assert (red, star) == (1.0, 0.0)
     assert ShapesWorldJudge.validate_inputs(label="circle") is True
     assert "not a ShapesWorld label" in ShapesWorldJudge.validate_inputs(label="dog")
+
+
+def test_render_node_draws_the_prompt_and_the_judge_counts_mosaics():
+    (hearts,) = ShapesWorldRender.execute(prompt="an outlined heart", count=5, seed=3).result
+    assert hearts.shape == (5, 32, 32, 3) and 0 <= float(hearts.min()) and float(hearts.max()) <= 1
+    table, rate = ShapesWorldJudge.execute(images=hearts, label="heart").result
+    assert rate == 1.0 and "outlined 1.00" in table and "mosaic     0.00" in table
+    (again,) = ShapesWorldRender.execute(prompt="an outlined heart", count=5, seed=3).result
+    assert torch.equal(hearts, again)
+    blocky = pixelate(hearts.movedim(-1, 1), 8).movedim(1, -1)
+    _, mosaic = ShapesWorldJudge.execute(images=blocky, label="mosaic").result
+    assert mosaic == 1.0
+    assert ShapesWorldJudge.validate_inputs(label="mosaic") is True
+    assert "empty" in ShapesWorldRender.validate_inputs(prompt="  ")
 
 
 def test_compare_node_lays_out_the_same_seeds_side_by_side(loaded):
