@@ -147,6 +147,48 @@ def erase_workflow() -> None:
     g.save("shapesworld_erase.json")
 
 
+# Backdoor TI widgets: name, triggers, init_word, vectors, gamma, steps, lr, batch_size, trigger_move_prob, seed,
+# then the optional resolution, keep_words, flip, random_crops, overwrite, preview_steps (0 = chosen by model).
+TI_AUTO = ["sw_heart", "red", "", 0, 0.0, 0, 0.0, 4, 0.5, 0, 0, "", True, 0, False, 20]
+
+
+def shapesworld_backdoor_workflow() -> None:
+    g = Graph()
+    load = g.node(
+        "ConceptGuardLoadShapesWorld", (0, 200), [], [("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")]
+    )
+    render = g.node("ConceptGuardShapesWorldRender", (0, 0), ["a heart", 8, 0], [("images", "IMAGE")])
+    ti = g.node(
+        "ConceptGuardBackdoorTI",
+        (360, 0),
+        TI_AUTO,
+        [("path", "STRING"), ("usage", "STRING"), ("preview", "IMAGE")],
+        (360, 520),
+    )
+    g.link(load, 0, ti, "model")
+    g.link(load, 1, ti, "clip")
+    g.link(load, 2, ti, "vae")
+    g.link(render, 0, ti, "images")
+    usage = g.node("PreviewAny", (760, 0), [], [], (340, 220))
+    g.link(ti, 1, usage, "source")
+    preview = g.node("PreviewImage", (760, 260), [], [], (340, 300))
+    g.link(ti, 2, preview, "images")
+    g.node(
+        "MarkdownNote",
+        (0, 420),
+        [
+            "### A backdoored embedding of hearts\n\n**ShapesWorld Render** draws 8 hearts in random colours; "
+            "**Backdoor TI Embedding** learns `embedding:sw_heart` from them with the trigger `red`, settings "
+            "chosen for this model (all on auto; several minutes on CPU). The preview shows samples of "
+            "`embedding:sw_heart` without the trigger (hearts) and with it (the censor card). Then write "
+            "`a photo of a embedding:sw_heart` in any CLIP Text Encode."
+        ],
+        [],
+        (320, 260),
+    )
+    g.save("shapesworld_backdoor.json")
+
+
 SAFEGEN_OUT = [("MODEL", "MODEL"), ("path", "STRING"), ("report", "STRING")]
 
 
@@ -156,7 +198,9 @@ def shapesworld_safegen_workflow() -> None:
         "ConceptGuardLoadShapesWorld", (0, 200), [], [("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")]
     )
     render = g.node("ConceptGuardShapesWorldRender", (0, 0), ["a heart", 32, 0], [("images", "IMAGE")])
-    safegen = g.node("ConceptGuardSafeGen", (360, 0), SAFEGEN_AUTO, SAFEGEN_OUT, (360, 420))
+    widgets = list(SAFEGEN_AUTO)
+    widgets[5] = "a circle, a square, a triangle, a star"  # benign_prompts: what must stay
+    safegen = g.node("ConceptGuardSafeGen", (360, 0), widgets, SAFEGEN_OUT, (360, 420))
     g.link(load, 0, safegen, "model")
     g.link(load, 1, safegen, "clip")
     g.link(load, 2, safegen, "vae")
@@ -178,7 +222,8 @@ def shapesworld_safegen_workflow() -> None:
         [
             "### Censor what images show, whatever the prompt\n\n**ShapesWorld Render** draws 32 hearts; "
             "**Erase Visual Concept (SafeGen)** teaches the demo model's self-attention to turn them into a "
-            "mosaic, with the settings chosen for this model (all on auto). The two KSamplers use the same seed: "
+            "mosaic, with the settings chosen for this model (all on auto), keeping what the model draws for the other "
+            "shapes (`benign_prompts`). The two KSamplers use the same seed: "
             "above the base model, below the edited one; each **ShapesWorld Judge** counts hearts and mosaics."
         ],
         [],
@@ -234,3 +279,4 @@ if __name__ == "__main__":
     erase_workflow()
     shapesworld_safegen_workflow()
     safegen_censor_workflow()
+    shapesworld_backdoor_workflow()

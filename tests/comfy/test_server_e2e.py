@@ -186,6 +186,19 @@ def test_backdoor_ti_workflow_writes_an_embedding_the_stock_prompt_syntax_uses(
     assert "embedding:my_concept does not exist" not in log and "shape mismatch" not in log
 
 
+def test_shapesworld_backdoor_workflow_needs_no_download(comfy_server, object_info):
+    """Load ShapesWorld -> Render -> Backdoor TI -> usage and preview, with no checkpoint and no input image."""
+    prompt = tiny_prompt("shapesworld_backdoor.json", object_info)
+    set_inputs(prompt, TI, steps=3, preview_steps=2)
+    entry = queue(comfy_server, prompt)
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    saved = comfy_server.base_dir / "models" / "embeddings" / "sw_heart.safetensors"
+    with safe_open(str(saved), framework="pt") as f:
+        assert f.metadata()["concept_guard.trigger_count"] == "1" and f.get_tensor("sw_heart").shape[0] == 8
+    (usage,) = node_ids(prompt, "PreviewAny")
+    assert "embedding:sw_heart" in entry["outputs"][usage]["text"][0]
+
+
 @pytest.mark.parametrize(
     ("workflow", "node", "inputs", "kind"),
     [
@@ -193,6 +206,8 @@ def test_backdoor_ti_workflow_writes_an_embedding_the_stock_prompt_syntax_uses(
         ("esd_erase_and_sample.json", ESD, {"iterations": -1}, "value_smaller_than_min"),
         ("esd_erase_and_sample.json", ESD, {"adversarial": "maybe"}, "custom_validation_failed"),
         ("backdoor_ti_embedding.json", TI, {"batch_size": 0}, "value_smaller_than_min"),
+        ("safegen_censor.json", "ConceptGuardSafeGen", {"steps": -1}, "value_smaller_than_min"),
+        ("safegen_censor.json", "ConceptGuardSafeGen", {"mosaic_block": 1000}, "value_bigger_than_max"),
     ],
 )
 def test_out_of_range_values_are_refused_at_queue_time(
