@@ -10,6 +10,7 @@ from concept_guard.core.errors import ConceptGuardError, NoMatchingModulesError,
 from concept_guard.core.methods import safegen
 from concept_guard.core.methods.safegen import SafeGenConfig, mosaic_target, pixelate, prepare_images, train
 from PIL import Image
+from safetensors import safe_open
 
 FAST = dict(steps=3, batch_size=2, mosaic_block=16, benign_samples=2, resolution=64, lr=1e-3)
 
@@ -170,6 +171,12 @@ def test_cli_writes_an_attn1_edit(tiny_dirs, tmp_path, capsys):
     assert deltas and all(".attn1." in k for k in deltas) and meta["concept_guard.method"] == "safegen"
     assert cli_main(argv) == 2  # exists: refused before any work
     assert "already exists" in capsys.readouterr().err
+    lora = tmp_path / "sg_lora.safetensors"  # `convert` turns it into a kohya LoRA on the same attn1 modules
+    convert = ["convert", "--edit", str(out), "--to", "lora", "--rank", "4", "--out", str(lora)]
+    assert cli_main([*convert, "--model", str(tiny_dirs("sd1"))]) == 0
+    with safe_open(str(lora), framework="pt") as f:
+        keys = list(f.keys())
+    assert keys and all("attn1" in k for k in keys) and any(k.endswith("lora_down.weight") for k in keys)
 
 
 @pytest.mark.parametrize(
