@@ -39,7 +39,8 @@ def object_info(comfy_server) -> dict:
 
 def tiny_prompt(name: str, object_info: dict, *, unmute: bool = False, **esd) -> dict:
     prompt = ui_to_api(load_workflow(name), object_info, unmute=unmute)
-    set_inputs(prompt, "CheckpointLoaderSimple", ckpt_name=CKPT)
+    if node_ids(prompt, "CheckpointLoaderSimple"):  # the ShapesWorld workflows load no checkpoint
+        set_inputs(prompt, "CheckpointLoaderSimple", ckpt_name=CKPT)
     if node_ids(prompt, ESD):
         set_inputs(prompt, ESD, **{**TINY_ESD, **esd})
     for class_type, values in TINY_SAMPLING.items():
