@@ -9,4 +9,19 @@ from comfy_api.latest import ComfyExtension, io, ui
 #: Category of every node (sub-categories are written ``"Concept Guard/<sub>"``).
 CATEGORY = "Concept Guard"
 
-__all__ = ["CATEGORY", "ComfyExtension", "io", "ui"]
+
+def edit_file_inputs() -> list:
+    """``file_name`` and ``overwrite``: where a training node saves its edit (the same for every such node)."""
+    return [
+        io.String.Input(
+            "file_name",
+            default="",
+            tooltip="Save as models/loras/concept_guard/<name>.safetensors; empty = don't save.",
+        ),
+        io.Boolean.Input(
+            "overwrite", default=False, optional=True, tooltip="Replace an existing file of that name."
+        ),
+    ]
+
+
+__all__ = ["CATEGORY", "ComfyExtension", "edit_file_inputs", "io", "ui"]

@@ -10,7 +10,7 @@ from ..core.methods.esd import ESDConfig, parse_concepts, train
 from ..core.score import score_edit, score_metadata, score_report
 from ..core.targets import ESD_METHODS
 from ..presets import AUTO, ESD_DEFAULTS, adversarial_steps, auto_hint, describe, esd_settings
-from ._api import CATEGORY, io
+from ._api import CATEGORY, edit_file_inputs, io
 from ._io import edit_output_path, phase_callback, progress_callback
 
 #: Settings the node reports after a run.
@@ -85,17 +85,7 @@ class EraseConceptESD(io.ComfyNode):
                     tooltip="Seeds the x_t samples and the training order. Re-queueing an unchanged graph reuses the "
                     "edit ComfyUI still has cached (running other graphs in between can evict it, then it retrains).",
                 ),
-                io.String.Input(
-                    "file_name",
-                    default="",
-                    tooltip="Save as models/loras/concept_guard/<name>.safetensors; empty = don't save.",
-                ),
-                io.Boolean.Input(
-                    "overwrite",
-                    default=False,
-                    optional=True,
-                    tooltip="Replace an existing file of that name.",
-                ),
+                *edit_file_inputs(),
                 io.Float.Input(
                     "guidance",
                     default=0.0,

@@ -10,7 +10,7 @@ from ..core.edits.diff_file import EDIT_DTYPE, save_edit
 from ..core.errors import ConceptGuardError
 from ..core.methods.safegen import SafeGenConfig, train
 from ..presets import SAFEGEN_DEFAULTS, auto_hint, describe, safegen_settings
-from ._api import CATEGORY, io
+from ._api import CATEGORY, edit_file_inputs, io
 from ._io import edit_output_path, phase_callback, progress_callback
 
 #: Settings the node reports after a run.
@@ -90,17 +90,7 @@ class EraseVisualConceptSafeGen(io.ComfyNode):
                     tooltip=f"Learning rate; 0 = auto ({_HINT['lr']}).",
                 ),
                 io.Int.Input("seed", default=0, min=0, max=2**31 - 1, control_after_generate=False),
-                io.String.Input(
-                    "file_name",
-                    default="",
-                    tooltip="Save as models/loras/concept_guard/<name>.safetensors; empty = don't save.",
-                ),
-                io.Boolean.Input(
-                    "overwrite",
-                    default=False,
-                    optional=True,
-                    tooltip="Replace an existing file of that name.",
-                ),
+                *edit_file_inputs(),
                 io.Int.Input(
                     "resolution",
                     default=0,

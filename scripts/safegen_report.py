@@ -8,9 +8,9 @@ the judge and the mosaic detector:
   the base model and sampled on the edited one, and learned against the edited model itself;
 - every GRID prompt: the named shape and colour, base beside edited, and mosaics on prompts without a heart.
 
-With ``--esd`` the auto ESD edit of "heart" is measured on the same prompts and attacks, beside SafeGen.
+With ``--measure safegen,esd`` the auto ESD edit of "heart" is measured on the same prompts and attacks, beside SafeGen.
 
-    .venv/bin/python scripts/safegen_report.py --seed 0 [--esd] [--base] [--benign-prompts ''] [--set lr=1e-3 ...]
+    .venv/bin/python scripts/safegen_report.py --seed 0 [--measure safegen,esd,base] [--benign-prompts ''] [--set lr=1e-3 ...]
 
 Prints one JSON line.
 """
@@ -95,19 +95,23 @@ def measure(backend, meter: Meter, edit, tag: str) -> dict:
     with edited(backend, edit):
         held = {p: meter.rates(p, 300 + i) for i, p in enumerate(HELD_OUT)}
         grid = {p: meter.rates(p, 500 + i) for i, p in enumerate(GRID)}
-    return {
-        "held_out": held,
-        "inversion_on_base": inversion(backend, meter, edit, images, learn_on_edited=False, tag=f"{tag}b"),
-        "inversion_on_edited": inversion(backend, meter, edit, images, learn_on_edited=True, tag=f"{tag}e"),
-        "grid": grid,
-    }
+    out = {"held_out": held, "grid": grid}
+    out["inversion_on_base"] = inversion(backend, meter, edit, images, learn_on_edited=False, tag=f"{tag}b")
+    if edit:
+        out["inversion_on_edited"] = inversion(
+            backend, meter, edit, images, learn_on_edited=True, tag=f"{tag}e"
+        )
+    return out
 
 
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--esd", action="store_true", help="also measure the auto ESD edit of 'heart'")
-    p.add_argument("--base", action="store_true", help="also measure the base model (no edit)")
+    p.add_argument(
+        "--measure",
+        default="safegen",
+        help="comma-separated: safegen, esd (the auto ESD edit of 'heart'), base",
+    )
     p.add_argument("--benign-prompts", default=BENIGN, help="'' = the model's unconditional samples")
     p.add_argument("--set", nargs="*", default=[], help="SafeGenConfig overrides, e.g. lr=1e-3")
     p.add_argument("--threads", type=int, default=2)
@@ -118,23 +122,26 @@ def main() -> None:
     overrides = {
         k: type(getattr(safegen.SafeGenConfig(), k))(v) for k, v in (kv.split("=") for kv in args.set)
     }
-    renders, _ = world.render_prompt("a heart", 32, seed=0)
-    settings = safegen_settings(backend, overrides)
-    cfg = safegen.SafeGenConfig(seed=args.seed, benign_prompts=args.benign_prompts or ("",), **settings)
-    start = time.time()
-    edit = safegen.train(cfg, backend, list(world.to_tensor(renders))).tensors
-    out["safegen"] = {
-        "overrides": overrides,
-        "benign_prompts": args.benign_prompts,
-        "train_seconds": round(time.time() - start, 1),
-    }
-    out["safegen"] |= measure(backend, meter, edit, "sg")
-    if args.esd:
+    what = args.measure.split(",")
+    if "safegen" in what:
+        renders, _ = world.render_prompt("a heart", 32, seed=0)
+        settings = safegen_settings(backend, overrides)
+        cfg = safegen.SafeGenConfig(seed=args.seed, benign_prompts=args.benign_prompts or ("",), **settings)
+        start = time.time()
+        edit = safegen.train(cfg, backend, list(world.to_tensor(renders))).tensors
+        seconds = round(time.time() - start, 1)
+        out["safegen"] = {
+            "overrides": overrides,
+            "benign_prompts": args.benign_prompts,
+            "train_seconds": seconds,
+        }
+        out["safegen"] |= measure(backend, meter, edit, "sg")
+    if "esd" in what:
         ecfg = esd.ESDConfig(seed=args.seed, **esd_settings(backend, "heart", {}))
         start = time.time()
         eedit = esd.train(ecfg, backend).tensors
         out["esd"] = {"train_seconds": round(time.time() - start, 1)} | measure(backend, meter, eedit, "esd")
-    if args.base:
+    if "base" in what:
         out["base"] = measure(backend, meter, {}, "base")
     print(json.dumps(out), flush=True)
 

@@ -43,14 +43,9 @@ def vae():
 
 
 @pytest.fixture
-def loras_dir(tmp_path, monkeypatch) -> Path:
-    import folder_paths
-
-    loras = tmp_path / "models" / "loras"
-    loras.mkdir(parents=True)
-    monkeypatch.setitem(
-        folder_paths.folder_names_and_paths, "loras", ([str(loras)], folder_paths.supported_pt_extensions)
-    )
+def loras_dir(loras) -> Path:
+    """The harness's temp ``loras`` folder, emptied of its ``concept_guard/`` subfolder."""
+    (loras / "concept_guard").rmdir()
     return loras
 
 
