@@ -12,7 +12,7 @@ With ``--measure safegen,esd`` the auto ESD edit of "heart" is measured on the s
 
     .venv/bin/python scripts/safegen_report.py --seed 0 [--measure safegen,esd,base] [--benign-prompts ''] [--set lr=1e-3 ...]
 
-Prints one JSON line.
+Prints one JSON line, then one of means (``--summarize FILE`` prints the means of a saved first line).
 """
 
 import argparse
@@ -104,6 +104,30 @@ def measure(backend, meter: Meter, edit, tag: str) -> dict:
     return out
 
 
+def summary(measured: dict) -> dict[str, object]:
+    """Means of one measured edit: held-out heart prompts, each inversion, and per GRID shape and colour the
+    named rate (no mosaic), with the mosaic share over the GRID prompts that name no heart."""
+
+    def mean(xs) -> float:
+        xs = list(xs)
+        return round(sum(xs) / len(xs), 3)
+
+    out = {f"held_out_{k}": mean(r[k] for r in measured["held_out"].values()) for k in ("heart", "mosaic")}
+    for attack in ("inversion_on_base", "inversion_on_edited"):
+        if attack in measured:
+            out[f"{attack}_heart"] = mean(r["heart"] for r in measured[attack].values())
+    levels: dict[str, list[float]] = {}
+    for prompt, rates in measured["grid"].items():
+        for head, label in world.parse_prompt(prompt).items():
+            if head in ("shape", "colour") and isinstance(label, str):
+                levels.setdefault(label, []).append(rates[head])
+    out["grid"] = {label: mean(xs) for label, xs in levels.items()}
+    out["grid_mosaic_without_hearts"] = mean(
+        r["mosaic"] for p, r in measured["grid"].items() if "heart" not in p
+    )
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--seed", type=int, default=0)
@@ -115,7 +139,14 @@ def main() -> None:
     p.add_argument("--benign-prompts", default=BENIGN, help="'' = the model's unconditional samples")
     p.add_argument("--set", nargs="*", default=[], help="SafeGenConfig overrides, e.g. lr=1e-3")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument(
+        "--summarize", default=None, help="print the summary of a JSON line this script wrote, and stop"
+    )
     args = p.parse_args()
+    if args.summarize:
+        line = json.loads(Path(args.summarize).read_text().strip().splitlines()[-1])
+        print(json.dumps({k: summary(v) for k, v in line.items() if isinstance(v, dict)}))
+        return
     torch.set_num_threads(args.threads)
     backend, out = load_shapesworld(), {"seed": args.seed}
     meter = Meter(backend)
@@ -144,6 +175,7 @@ def main() -> None:
     if "base" in what:
         out["base"] = measure(backend, meter, {}, "base")
     print(json.dumps(out), flush=True)
+    print(json.dumps({k: summary(v) for k, v in out.items() if isinstance(v, dict)}), flush=True)
 
 
 if __name__ == "__main__":
