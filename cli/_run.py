@@ -33,6 +33,16 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def add_output_args(
+    p: argparse.ArgumentParser, *, summary: str, out_help: str = "output .safetensors path"
+) -> None:
+    """``--device``, ``--out``, ``--overwrite`` and ``--json`` (``summary``: the keys that JSON holds)."""
+    p.add_argument("--device", default=None, help="cuda, cpu, … (default: cuda if available)")
+    p.add_argument("--out", required=True, help=out_help)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    p.add_argument("--json", action="store_true", help=f"print {{{summary}}} as JSON")
+
+
 def model_path(spec: str | Path) -> str | Path:
     """``"shapesworld"`` -> the bundled demo model's folder; anything else unchanged (a folder or a file)."""
     if str(spec).strip().lower() == SHAPESWORLD:

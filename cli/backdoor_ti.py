@@ -16,7 +16,7 @@ from ..core.methods.ti_backdoor import BackdoorTIConfig, train
 from ..core.methods.ti_backdoor.check import embedding_warnings
 from ..core.trainer import TrainResult
 from ..presets import describe, ti_settings
-from ._run import add_model_args, check_out, run_training
+from ._run import add_model_args, add_output_args, check_out, run_training
 
 logger = logging.getLogger(__name__)
 
@@ -90,13 +90,10 @@ def _add_training_args(p: argparse.ArgumentParser) -> None:
 
 def _add_output_args(p: argparse.ArgumentParser) -> None:
     """Device, output file and report format."""
-    p.add_argument("--device", default=None, help="cuda, cpu, … (default: cuda if available)")
-    p.add_argument("--out", required=True, help="output NAME.safetensors path")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
-    p.add_argument(
-        "--json",
-        action="store_true",
-        help='print {"out", "seconds", "steps", "final_loss", "triggers"} as JSON',
+    add_output_args(
+        p,
+        summary='"out", "seconds", "steps", "final_loss", "triggers"',
+        out_help="output NAME.safetensors path",
     )
 
 

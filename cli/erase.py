@@ -17,7 +17,7 @@ from ..core.score import score_edit, score_metadata, score_report
 from ..core.targets import ESD_METHODS
 from ..core.trainer import TrainResult
 from ..presets import adversarial_steps, describe, esd_settings
-from ._run import add_model_args, check_out, run_training
+from ._run import add_model_args, add_output_args, check_out, run_training
 
 logger = logging.getLogger(__name__)
 
@@ -72,12 +72,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="train against a token-vector attacker that brings the concept back (slower; default off)",
     )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default=None, help="cuda, cpu, … (default: cuda if available)")
-    p.add_argument("--out", required=True, help="output .safetensors path")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
-    p.add_argument(
-        "--json", action="store_true", help='print {"out", "seconds", "iterations", "final_loss"} as JSON'
-    )
+    add_output_args(p, summary='"out", "seconds", "iterations", "final_loss"')
     p.set_defaults(func=run)
 
 

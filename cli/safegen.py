@@ -13,7 +13,7 @@ from ..core.errors import ConceptGuardError
 from ..core.methods.safegen import MOSAIC_TARGETS, PRESERVE_TARGETS, SafeGenConfig, train
 from ..core.trainer import TrainResult
 from ..presets import describe, safegen_settings
-from ._run import add_model_args, check_out, run_training
+from ._run import add_model_args, add_output_args, check_out, run_training
 from .backdoor_ti import load_images
 
 logger = logging.getLogger(__name__)
@@ -68,12 +68,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--resolution", type=int, default=None, help="image side in pixels (default: the model's)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default=None, help="cuda, cpu, … (default: cuda if available)")
-    p.add_argument("--out", required=True, help="output .safetensors path")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
-    p.add_argument(
-        "--json", action="store_true", help='print {"out", "seconds", "steps", "final_loss"} as JSON'
-    )
+    add_output_args(p, summary='"out", "seconds", "steps", "final_loss"')
     p.set_defaults(func=run)
 
 

@@ -48,6 +48,14 @@ class TrainResult:
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     metadata: dict[str, object] = field(default_factory=dict)
 
+    def provenance(self, backend) -> dict[str, str]:
+        """The header entries every trained file carries: the base model it was trained on and the final loss."""
+        return {
+            "concept_guard.base_fingerprint": backend.fingerprint,
+            "concept_guard.arch": backend.arch,
+            "concept_guard.final_loss": f"{self.final_loss:.6g}",
+        }
+
     @property
     def final_loss(self) -> float:
         """Mean of the last 10 % of losses (at least one): a stable summary of where training ended."""

@@ -64,7 +64,7 @@ class Meter:
         images = generate(self.backend, prompt, EvalConfig(samples=SAMPLES, seed=seed), seed)
         labels, mosaic = self.judge.classify(images), self.detector.detect(images)
         named = world.parse_prompt(prompt)
-        out = {"heart": 0.0, "mosaic": sum(mosaic) / len(mosaic)}
+        out = {"mosaic": sum(mosaic) / len(mosaic)}
         for head in ("shape", "colour"):
             want = named.get(head)
             if isinstance(want, str):

@@ -289,8 +289,6 @@ def train(
     result.setup_seconds = setup_seconds
     result.metadata = {
         **cfg.to_metadata(),
-        "concept_guard.base_fingerprint": backend.fingerprint,
-        "concept_guard.arch": backend.arch,
-        "concept_guard.final_loss": f"{result.final_loss:.6g}",
+        **result.provenance(backend),
     }
     return result

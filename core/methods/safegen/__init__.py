@@ -151,8 +151,6 @@ def train(
         **cfg.to_metadata(),
         "concept_guard.method": "safegen",
         "concept_guard.images": str(len(data.sensitive)),
-        "concept_guard.base_fingerprint": backend.fingerprint,
-        "concept_guard.arch": backend.arch,
-        "concept_guard.final_loss": f"{result.final_loss:.6g}",
+        **result.provenance(backend),
     }
     return result
