@@ -24,7 +24,7 @@ from collections.abc import Mapping
 from .core.backend import DiffusionBackend
 from .core.methods.esd import parse_concepts
 from .shapesworld import shapesworld_fingerprint
-from .shapesworld.recipes import DEMO_BACKDOOR_TI, DEMO_ESD, DEMO_SAFEGEN, shapesworld_recipe
+from .shapesworld.recipes import DEMO_BACKDOOR_TI, DEMO_ESD, DEMO_SAFEGEN, DEMO_UCE, shapesworld_recipe
 
 #: What a node shows for a setting chosen by model (numbers use 0, methods this word).
 AUTO = "auto"
@@ -70,6 +70,17 @@ SAFEGEN_DEFAULTS: dict[str, dict[str, object]] = {
 }
 
 
+#: Closed-form erasure (UCE/RECE): the official UCE script's values on SD families; ShapesWorld gets the values
+#: measured on it (docs/results.md) and, for one shape or style, the ESD recipe's prompts.
+_UCE_SD = dict(method="uce", eta=0.0, erase_scale=1.0, lamb=0.5, rounds=3)
+UCE_DEFAULTS: dict[str, dict[str, object]] = {
+    "sd1": _UCE_SD,
+    "sd2": _UCE_SD,
+    "sdxl": _UCE_SD,
+    "shapesworld": dict(DEMO_UCE),
+}
+
+
 #: Attack steps per round of adversarial ESD when a user turns it on (see ``core.methods.esd_adv``).
 ADV_STEPS_ON = 100
 
@@ -107,6 +118,20 @@ def esd_settings(backend: DiffusionBackend, concepts: str, given: Mapping[str, o
     for key, value in given.items():
         if value is not None and value != "" and value != ():
             settings[key] = value
+    return settings
+
+
+def uce_settings(backend: DiffusionBackend, concepts: str, given: Mapping[str, object]) -> dict[str, object]:
+    """``UCEConfig`` keyword arguments, filled in as :func:`esd_settings` does (the ShapesWorld recipe's
+    ``erase_from`` and ``preserve`` prompts for one shape or style, unless the user gave their own)."""
+    family = model_family(backend)
+    settings: dict[str, object] = {"concepts": concepts}
+    names = parse_concepts(concepts)
+    if family == "shapesworld" and len(names) == 1:
+        recipe = shapesworld_recipe(names[0].removeprefix("a ").removeprefix("an "))
+        settings.update({k: recipe[k] for k in ("concepts", "erase_from", "preserve")})
+    settings.update(UCE_DEFAULTS[family])
+    settings.update({k: v for k, v in given.items() if v is not None and v != "" and v != ()})
     return settings
 
 

@@ -13,11 +13,13 @@ from pathlib import Path
 
 from ..core.errors import ConceptGuardError
 from ..core.methods.esd import ESDConfig, train
+from ..core.methods.uce import CLOSED_FORM_METHODS
 from ..core.score import score_edit, score_metadata, score_report
 from ..core.targets import ESD_METHODS
 from ..core.trainer import TrainResult
 from ..presets import adversarial_steps, describe, esd_settings
 from ._run import add_model_args, add_output_args, check_out, run_training
+from .erase_closed_form import add_closed_form_args, run_closed_form
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +59,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--preserve", default="", help="comma-separated prompts whose images must not change (default: none)"
     )
     auto = p.add_argument_group("training settings (default: chosen by model)")
-    auto.add_argument("--method", default=None, choices=sorted(ESD_METHODS))
+    auto.add_argument(
+        "--method",
+        default=None,
+        choices=[*sorted(ESD_METHODS), *CLOSED_FORM_METHODS],
+        help="an ESD variant (trains), or uce/rece: closed-form erasure in seconds (no training)",
+    )
     auto.add_argument("--eta", type=float, default=None, help="negative guidance, concept-anchored form")
     auto.add_argument("--iterations", type=int, default=None)
     auto.add_argument("--lr", type=float, default=None)
@@ -71,6 +78,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         choices=["on", "off"],
         help="train against a token-vector attacker that brings the concept back (slower; default off)",
     )
+    add_closed_form_args(p)
     p.add_argument("--seed", type=int, default=0)
     add_output_args(p, summary='"out", "seconds", "iterations", "final_loss"')
     p.set_defaults(func=run)
@@ -79,6 +87,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..core.edits.diff_file import save_edit
 
+    if args.method in CLOSED_FORM_METHODS:
+        return run_closed_form(args)
     out = check_out(args.out, args.overwrite)  # fail before any expensive work
     given = {field: getattr(args, flag) for flag, field in _AUTO_FLAGS.items()}
     given |= {"erase_from": args.erase_from, "preserve": args.preserve}

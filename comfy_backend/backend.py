@@ -181,6 +181,20 @@ class ComfyBackend:
             if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) and hasattr(m, "weight_function")
         }
 
+    def unet_weight(self, module_name: str) -> torch.Tensor:
+        """Read by probing the module with the identity, so that every patch ComfyUI applies on load or on the
+        fly (LoRAs, earlier edits, low-VRAM casts) is in the result exactly as the forward pass sees it."""
+        module = self._delta_modules().get(module_name)
+        if not isinstance(module, torch.nn.Linear):
+            raise NoMatchingModulesError(f"{module_name!r} is not a Linear module of this UNet.")
+        self._load()
+        with torch.no_grad():
+            eye = torch.eye(module.in_features, device=self.device, dtype=self.dtype)
+            out = module(eye).float()
+            if module.bias is not None:
+                out = out - module(torch.zeros_like(eye[:1])).float()
+        return out.t().contiguous()
+
     def attach_deltas(self, module_names: Sequence[str]) -> DeltaSet:
         modules = self._delta_modules()
         unknown = [n for n in module_names if n not in modules]

@@ -165,6 +165,11 @@ class DiffusionBackend(Protocol):
         Linear/Conv2d in the UNet that can take a delta."""
         ...
 
+    def unet_weight(self, module_name: str) -> torch.Tensor:
+        """The weight the named Linear module computes with now (host patches included, no attached delta), as a
+        detached fp32 copy ``[out, in]`` on ``device``; closed-form edits solve against it."""
+        ...
+
     def attach_deltas(self, module_names: Sequence[str]) -> DeltaSet:
         """Attach zero-initialised fp32 deltas to the named modules' weights (and biases).
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 from ._api import CATEGORY, ComfyExtension, io
 from .apply_edit import ApplyEditedUNet
 from .backdoor_ti import BackdoorTIEmbedding
+from .closed_form import EraseConceptClosedForm
 from .compare import CompareModels
 from .convert_edit import ConvertEdit
 from .esd import EraseConceptESD
@@ -18,6 +19,7 @@ from .shapesworld import LoadShapesWorld, ShapesWorldJudge, ShapesWorldRender
 #: Every node class the pack registers (V3 ``io.ComfyNode`` subclasses).
 NODE_CLASSES: list[type[io.ComfyNode]] = [
     EraseConceptESD,
+    EraseConceptClosedForm,
     EraseVisualConceptSafeGen,
     BackdoorTIEmbedding,
     ApplyEditedUNet,

@@ -57,6 +57,11 @@ DEMO_ESD = dict(
 DEMO_ESD_STYLE = {**DEMO_ESD, "eta": 7.0, "bank_trajectories": 8, "iterations": 600, "batch_size": 16}
 
 
+# Closed-form erasure (UCE/RECE) on ShapesWorld, with the ESD recipe's prompts (scripts/uce_report.py and
+# docs/results.md).
+DEMO_UCE = dict(method="uce", eta=0.0, erase_scale=1.0, lamb=0.5, rounds=3)
+
+
 # SafeGen on ShapesWorld (scripts/safegen_report.py and docs/results.md): the exact target with Min-SNR-5
 # weighting, timesteps below 400 (where a heart can already be told from other shapes, so the edit does not
 # blur every shape at high noise), lr 2e-3 (1e-4 changes nothing on this small model) and 32 samples per

@@ -343,6 +343,12 @@ class DiffusersBackend:
     def unet_module_names(self) -> list[str]:
         return list(self._ldm_modules())
 
+    def unet_weight(self, module_name: str) -> torch.Tensor:
+        module = self._ldm_modules().get(module_name)
+        if not isinstance(module, nn.Linear):
+            raise NoMatchingModulesError(f"{module_name!r} is not a Linear module of this UNet.")
+        return module.weight.detach().float().clone().to(self.device)
+
     def attach_deltas(self, module_names: Sequence[str]) -> DeltaSet:
         """Zero fp32 deltas on the named modules, applied by forward hooks (see the module docstring).
 
