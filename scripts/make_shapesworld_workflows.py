@@ -13,6 +13,9 @@ OUT = Path(__file__).resolve().parents[1] / "example_workflows"
 # ESD widgets: concepts, method, anchor, eta, iterations, lr, seed, file_name, overwrite, guidance,
 # sampling_steps, resolution, low_memory, erase_from, preserve, adversarial (0 / "auto" = chosen by model).
 ESD_AUTO = ["circle", "auto", "", 0.0, 0, 0.0, 0, "", False, 0.0, 0, 0, True, "", "", "auto"]
+# Closed-form widgets: concepts, method, anchor, preserve, eta, erase_scale, preserve_scale, lamb, rounds,
+# file_name, then the optional overwrite, erase_from, score, resolution (0 / "auto" = chosen by model).
+CLOSED_FORM_AUTO = ["circle", "auto", "", "", 0.0, 0.0, 0.0, 0.0, 3, "", False, "", True, 0]
 PROMPT = "a red circle on a white background, a blue square"
 # SafeGen widgets: mosaic_block, steps, lr, seed, file_name, then the optional benign_prompts, overwrite,
 # resolution, low_memory (0 = chosen by model).
@@ -106,15 +109,36 @@ def sample_and_judge(
     g.nodes[judge - 1]["title"] = f"ShapesWorld Judge ({title})"
 
 
-def erase_workflow() -> None:
+ESD_NOTE = (
+    "### Erase a shape from the demo model\n\n**Load ShapesWorld** gives a tiny SD1.x-architecture model "
+    "(32-px images of coloured shapes; no download). **Erase Concept (ESD)** erases `circle` with the "
+    "settings chosen for this model (all on auto), in one to two minutes on CPU. The two KSamplers use the "
+    "same seed: above the base model, below the erased one; each **ShapesWorld Judge** counts circles.\n\n"
+    "Use a 64×64 EmptyLatentImage with this model (its VAE scales by 4)."
+)
+CLOSED_FORM_NOTE = (
+    "### Erase a shape in a second\n\n**Erase Concept (closed form)** erases `circle` from the demo model with "
+    "UCE: one solve of the cross-attention, no training (all settings on auto: on ShapesWorld the circle in every "
+    "colour is erased and the other shapes are preserved). The two KSamplers use the same seed: above the base "
+    "model, below the edited one; each **ShapesWorld Judge** counts circles. The report gives the concept score.\n\n"
+    "Switch `method` to `rece` to also erase the embeddings that still bring the concept back."
+)
+
+
+def erase_workflow(
+    node: str = "ConceptGuardEraseESD",
+    widgets: list = ESD_AUTO,
+    name: str = "shapesworld_erase.json",
+    note: str = ESD_NOTE,
+) -> None:
     g = Graph()
     load = g.node(
         "ConceptGuardLoadShapesWorld", (0, 200), [], [("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")]
     )
     esd = g.node(
-        "ConceptGuardEraseESD",
+        node,
         (360, 0),
-        ESD_AUTO,
+        widgets,
         [("MODEL", "MODEL"), ("path", "STRING"), ("report", "STRING")],
         (360, 470),
     )
@@ -131,20 +155,8 @@ def erase_workflow() -> None:
     sample_and_judge(g, esd, pos, neg, latent, load, 420, "after")
     report = g.node("PreviewAny", (760, 560), [], [], (300, 150))
     g.link(esd, 2, report, "source")
-    g.node(
-        "MarkdownNote",
-        (0, 420),
-        [
-            "### Erase a shape from the demo model\n\n**Load ShapesWorld** gives a tiny SD1.x-architecture model "
-            "(32-px images of coloured shapes; no download). **Erase Concept (ESD)** erases `circle` with the "
-            "settings chosen for this model (all on auto), in one to two minutes on CPU. The two KSamplers use the "
-            "same seed: above the base model, below the erased one; each **ShapesWorld Judge** counts circles.\n\n"
-            "Use a 64×64 EmptyLatentImage with this model (its VAE scales by 4)."
-        ],
-        [],
-        (320, 260),
-    )
-    g.save("shapesworld_erase.json")
+    g.node("MarkdownNote", (0, 420), [note], [], (320, 260))
+    g.save(name)
 
 
 # Backdoor TI widgets: name, triggers, init_word, vectors, gamma, steps, lr, batch_size, trigger_move_prob, seed,
@@ -277,6 +289,12 @@ def safegen_censor_workflow() -> None:
 
 if __name__ == "__main__":
     erase_workflow()
+    erase_workflow(
+        "ConceptGuardEraseClosedForm",
+        CLOSED_FORM_AUTO,
+        "shapesworld_erase_closed_form.json",
+        CLOSED_FORM_NOTE,
+    )
     shapesworld_safegen_workflow()
     safegen_censor_workflow()
     shapesworld_backdoor_workflow()

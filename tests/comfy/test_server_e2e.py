@@ -49,6 +49,28 @@ def tiny_prompt(name: str, object_info: dict, *, unmute: bool = False, **esd) ->
     return prompt
 
 
+def downstream_only(prompt: dict, node_id: str) -> dict:
+    """The prompt without the output branches that do not use ``node_id`` (their inputs kept as needed)."""
+
+    def sources(nid: str) -> set[str]:
+        return {v[0] for v in prompt[nid]["inputs"].values() if isinstance(v, list) and len(v) == 2}
+
+    def ancestors(nid: str) -> set[str]:
+        seen, todo = set(), [nid]
+        while todo:
+            for src in sources(todo.pop()) - seen:
+                seen.add(src)
+                todo.append(src)
+        return seen
+
+    used = {src for nid in prompt for src in sources(nid)}
+    keep = set()
+    for out in (nid for nid in prompt if nid not in used):
+        if node_id in ancestors(out) or out == node_id:
+            keep |= {out, *ancestors(out)}
+    return {nid: node for nid, node in prompt.items() if nid in keep}
+
+
 def messages(entry: dict, kind: str) -> list[dict]:
     return [data for name, data in entry["status"]["messages"] if name == kind]
 
@@ -209,6 +231,24 @@ def test_shapesworld_backdoor_workflow_needs_no_download(comfy_server, object_in
         ("backdoor_ti_embedding.json", TI, {"batch_size": 0}, "value_smaller_than_min"),
         ("safegen_censor.json", "ConceptGuardSafeGen", {"steps": -1}, "value_smaller_than_min"),
         ("safegen_censor.json", "ConceptGuardSafeGen", {"mosaic_block": 1000}, "value_bigger_than_max"),
+        (
+            "shapesworld_erase_closed_form.json",
+            "ConceptGuardEraseClosedForm",
+            {"rounds": 0},
+            "value_smaller_than_min",
+        ),
+        (
+            "shapesworld_erase_closed_form.json",
+            "ConceptGuardEraseClosedForm",
+            {"lamb": -1.0},
+            "value_smaller_than_min",
+        ),
+        (
+            "shapesworld_erase_closed_form.json",
+            "ConceptGuardEraseClosedForm",
+            {"method": "x"},
+            "custom_validation_failed",
+        ),
     ],
 )
 def test_out_of_range_values_are_refused_at_queue_time(
@@ -217,6 +257,9 @@ def test_out_of_range_values_are_refused_at_queue_time(
     prompt = tiny_prompt(workflow, object_info)
     set_inputs(prompt, node, **inputs)
     (node_id,) = node_ids(prompt, node)
+    prompt = downstream_only(
+        prompt, node_id
+    )  # else ComfyUI runs the outputs that are valid (a "before" branch)
     status, body = post_prompt(comfy_server, prompt)
     assert status == 400, body
     errors = body["node_errors"][node_id]["errors"]
