@@ -77,6 +77,21 @@ def reference_edit(backend, cfg: UCEConfig) -> dict[str, torch.Tensor]:
     return out
 
 
+def objective(backend, cfg: UCEConfig, deltas: dict[str, torch.Tensor]) -> float:
+    """UCE's objective (fp64) summed over the projections, for diffusers-named deltas: lower is a better solve."""
+    from concept_guard.core.methods.uce import _pairs
+
+    c, a, p = _pairs(backend, cfg)
+    total = 0.0
+    for name, delta in deltas.items():
+        w = backend.unet_weight(backend.keymap.to_ldm(name)).double().cpu()
+        new = w + delta.double().cpu()
+        total += cfg.erase_scale * float(((c.cpu() @ new.T - a.cpu() @ w.T) ** 2).sum())
+        total += cfg.effective_preserve_scale * float(((p.cpu() @ (new - w).T) ** 2).sum())
+        total += cfg.lamb * float(((new - w) ** 2).sum())
+    return total
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument(
@@ -109,6 +124,12 @@ def main() -> None:
         "speedup": round(ref["seconds"] / ours["seconds"], 2),
         "max_abs_diff": diff,
         "max_abs_delta": scale,
+        "objective_reference": objective(backend, cfg, ref_deltas),
+        "objective_ours": objective(
+            backend,
+            cfg,
+            {backend.keymap.to_diffusers(k.removesuffix(".weight")): v for k, v in result.tensors.items()},
+        ),
     }
     if args.json:
         print(json.dumps(table))
@@ -122,6 +143,10 @@ def main() -> None:
         r = table[name]
         print(f"{name:<16}{r['seconds']:>10.3f}{r['cpu_seconds']:>10.3f}{r['peak_mem_bytes'] / 2**20:>10.1f}")
     print(f"speedup {table['speedup']}x; largest weight difference {diff:.3g} (largest delta {scale:.3g})")
+    print(
+        f"UCE objective (fp64, lower is better): reference {table['objective_reference']:.6g}, "
+        f"ours {table['objective_ours']:.6g}"
+    )
 
 
 if __name__ == "__main__":

@@ -16,6 +16,26 @@ def parse_concepts(text: str | Sequence[str]) -> tuple[str, ...]:
     return tuple(c.strip() for c in items if c.strip())
 
 
+def _words(text: str) -> list[str]:
+    return "".join(ch if ch.isalnum() else " " for ch in text.lower()).split()
+
+
+def mentions(prompt: str, concept: str) -> bool:
+    """Whether ``prompt`` names ``concept``: its words (articles aside) appear in a row, as whole words."""
+    words, key = _words(prompt), [w for w in _words(concept) if w not in ("a", "an", "the")]
+    return bool(key) and any(words[i : i + len(key)] == key for i in range(len(words) - len(key) + 1))
+
+
+def check_preserve(concepts: Sequence[str], preserve: Sequence[str]) -> None:
+    """A preserved prompt that names an erased concept asks to keep and erase the same thing: refuse it."""
+    for concept in concepts:
+        for prompt in preserve:
+            if mentions(prompt, concept):
+                raise ConceptGuardError(
+                    f"The preserved prompt {prompt!r} names the erased concept {concept!r}; remove it from `preserve`."
+                )
+
+
 @dataclass(frozen=True, kw_only=True)
 class ESDConfig:
     """Settings of one ESD run. Defaults follow the authors' official 2025 SD1.x training script.
@@ -78,6 +98,7 @@ class ESDConfig:
         object.__setattr__(self, "concepts", concepts)
         object.__setattr__(self, "erase_from", parse_concepts(self.erase_from))
         object.__setattr__(self, "preserve", parse_concepts(self.preserve))
+        check_preserve(concepts, self.preserve)
         if self.anchor is not None and not self.anchor.strip():
             object.__setattr__(self, "anchor", None)
         if self.method not in ESD_METHODS:

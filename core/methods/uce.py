@@ -35,7 +35,7 @@ from ..errors import ConceptGuardError
 from ..targets import TargetSpec
 from ..trainer import TrainResult
 from .esd import check_prompt_length
-from .esd_config import parse_concepts
+from .esd_config import check_preserve, mentions, parse_concepts
 
 __all__ = ["UCE_MODULES", "UCEConfig", "erase_map", "train"]
 
@@ -106,7 +106,7 @@ class UCEConfig:
             )
         if not isinstance(self.rounds, int) or not 0 <= self.rounds <= 20:
             raise ConceptGuardError(f"`rounds` must be an integer in [0, 20], got {self.rounds!r}.")
-        _check_preserve(concepts, self.preserve)
+        check_preserve(concepts, self.preserve)
 
     @property
     def effective_preserve_scale(self) -> float:
@@ -126,22 +126,6 @@ class UCEConfig:
         return config_from_metadata(cls, metadata)
 
 
-def _words(text: str) -> list[str]:
-    return [w for w in "".join(ch if ch.isalnum() else " " for ch in text.lower()).split() if w]
-
-
-def _check_preserve(concepts: Sequence[str], preserve: Sequence[str]) -> None:
-    """A preserved prompt that names an erased concept would ask the solve to keep and erase the same thing."""
-    for concept in concepts:
-        key = [w for w in _words(concept) if w not in ("a", "an", "the")]
-        for prompt in preserve:
-            words = _words(prompt)
-            if key and any(words[i : i + len(key)] == key for i in range(len(words) - len(key) + 1)):
-                raise ConceptGuardError(
-                    f"The preserved prompt {prompt!r} names the erased concept {concept!r}; remove it from `preserve`."
-                )
-
-
 def _token_rows(backend: DiffusionBackend, prompts: Sequence[str]) -> tuple[torch.Tensor, list[int]]:
     """The encoder's token vectors ``[B, L, D]`` (fp64) and each prompt's last-word position."""
     context = backend.encode_text(list(prompts)).context.detach().to(torch.float64)
@@ -150,12 +134,7 @@ def _token_rows(backend: DiffusionBackend, prompts: Sequence[str]) -> tuple[torc
 
 def _concept_of(prompt: str, concepts: Sequence[str]) -> int:
     """Which concept an erased prompt is about: the first whose words it contains (else the first)."""
-    words = _words(prompt)
-    for i, concept in enumerate(concepts):
-        key = [w for w in _words(concept) if w not in ("a", "an", "the")]
-        if key and any(words[j : j + len(key)] == key for j in range(len(words) - len(key) + 1)):
-            return i
-    return 0
+    return next((i for i, concept in enumerate(concepts) if mentions(prompt, concept)), 0)
 
 
 def _aligned(rows: torch.Tensor, last: int, far: int) -> torch.Tensor:
@@ -215,6 +194,14 @@ def _rece_embeddings(m: torch.Tensor, gram: torch.Tensor, c: torch.Tensor, reg: 
     return torch.linalg.solve(mgm + gamma * eye, m.T @ gram @ c.T).T
 
 
+def _rece_targets(e: torch.Tensor, c: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """What a found row ``e = s·c + r`` (r ⟂ c) maps to: ``s·a``, the erased row's target to the same extent, with
+    the part that the attack added (r) sent to zero. A target of ``a`` for every ``e`` would contradict ``c → a``
+    wherever ``e`` is close to a multiple of ``c``, and weaken the first erasure."""
+    s = (e * c).sum(-1, keepdim=True) / (c * c).sum(-1, keepdim=True).clamp_min(1e-12)
+    return s * a
+
+
 def _residual(m: torch.Tensor, gram: torch.Tensor, c: torch.Tensor, a: torch.Tensor) -> float:
     """How far the edited outputs of the erased rows are from the anchor's, relative to the anchor's (0 = exact)."""
     diff = c @ m.T - a
@@ -251,8 +238,9 @@ def train(
     if cfg.method == "rece":
         found_c, found_a = [c], [a]
         for r in range(cfg.rounds):
-            found_c.append(_rece_embeddings(m, gram, c, cfg.rece_reg))
-            found_a.append(a)
+            e = _rece_embeddings(m, gram, c, cfg.rece_reg)
+            found_c.append(e)
+            found_a.append(_rece_targets(e, c, a))
             m = erase_map(torch.cat(found_c), torch.cat(found_a), p, **scales)
             residuals.append(_residual(m, gram, found_c[-1], a))
             if on_phase:

@@ -38,6 +38,7 @@ def _state_hash(module):
         (dict(concepts="a", method="xattn"), "`method` must be one of"),
         (dict(concepts="a", lr=0.0), "`lr` must be in"),
         (dict(concepts="a", eta=-1.0), "`eta` must be in"),
+        (dict(concepts="a circle", preserve="a square, a red circle"), "names the erased concept 'a circle'"),
     ],
 )
 def test_config_rejects_bad_values(bad, match):

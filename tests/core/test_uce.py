@@ -110,6 +110,14 @@ def test_solve_is_deterministic_and_works_on_sdxl_and_vpred(sd1_backend, sdxl_ba
         assert result.tensors and all(torch.isfinite(t).all() for t in result.tensors.values())
 
 
+def test_a_unet_without_cross_attention_is_refused_in_one_line():
+    from concept_guard.core.errors import NoMatchingModulesError
+
+    names = ["input_blocks.1.1.transformer_blocks.0.attn1.to_k", "out.2"]
+    with pytest.raises(NoMatchingModulesError, match="No UNet module matched include=.*attn2.to_k"):
+        UCE_MODULES.select(names)
+
+
 def test_too_long_prompt_is_rejected(sd1_backend):
     with pytest.raises(ConceptGuardError, match="at most 75"):
         train(UCEConfig(concepts="circle", preserve=("square " * 80,)), sd1_backend)
