@@ -16,10 +16,12 @@ logger = logging.getLogger(__name__)
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "attack",
-        help="attack an erasure (paraphrases, concept inversion) and report how often the concept returns",
+        help="attack an erasure (paraphrases, concept inversion, prompt search) and report how often the concept returns",
         description="Run attacks on an edit of the bundled ShapesWorld model and judge every sample: paraphrases "
         "of the concept (built-in held-out wordings or --prompts) and concept inversion (a textual-inversion "
-        "embedding learned from images of the concept against the model under attack). Base and edited side "
+        "embedding learned from images of the concept against the model under attack) and an UnlearnDiffAtk-style "
+        "prompt search (tokens before 'a <concept>' that make the model denoise the concept's images best; "
+        "continuous and discrete). Base and edited side "
         "by side: the share of samples that show the concept.",
     )
     p.add_argument("--model", default=SHAPESWORLD, help="'shapesworld' (the only model with a judge)")
@@ -32,6 +34,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--images", default=None, help="folder of concept images for the inversion (default: renders)"
     )
     p.add_argument("--inversion-steps", type=int, default=1500, help="0 = no inversion attack (default 1500)")
+    p.add_argument(
+        "--prompt-steps",
+        type=int,
+        default=300,
+        help="steps of each UnlearnDiffAtk-style prompt search, continuous and discrete (0 = none; default 300)",
+    )
     p.add_argument(
         "--no-base", action="store_true", help="attack only the edited model (the base column stays empty)"
     )
@@ -58,7 +66,11 @@ def run(args: argparse.Namespace) -> int:
         )
     prompts = args.prompts or paraphrases(args.concept)  # an unknown label fails here, before any work
     cfg = AttackConfig(
-        samples=args.samples, seed=args.seed, inversion_steps=args.inversion_steps, reference=not args.no_base
+        samples=args.samples,
+        seed=args.seed,
+        inversion_steps=args.inversion_steps,
+        prompt_steps=args.prompt_steps,
+        reference=not args.no_base,
     )
     images = load_images(args.images) if args.images else None
     if args.threads:

@@ -350,6 +350,12 @@ class ComfyBackend:
     def word_vectors(self, word: str) -> dict[str, torch.Tensor]:
         return comfy_text.word_vectors(self._need("clip", self.clip), word)
 
+    def token_table(self) -> tuple[dict[str, torch.Tensor], list[int]]:
+        return comfy_text.token_table(self._need("clip", self.clip))
+
+    def decode_tokens(self, ids: Sequence[int]) -> str:
+        return comfy_text.decode_tokens(self._need("clip", self.clip), list(ids))
+
     def count_tokens(self, prompt: str) -> int:
         """Tokens ``prompt`` occupies between CLIP's start and end tokens (ComfyUI's tokenizer)."""
         clip = self._need("clip", self.clip)

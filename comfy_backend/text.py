@@ -55,6 +55,26 @@ def embedding_widths(clip) -> dict[str, int]:
     return {s: widths[s] for s in ENCODER_SLOTS if s in widths}
 
 
+def token_table(clip) -> tuple[dict[str, torch.Tensor], list[int]]:
+    keys = list(clip.tokenize(""))
+    with torch.inference_mode(False):
+        tables = {
+            _slot(key): text_encoder(clip, key)
+            .transformer.get_input_embeddings()
+            .weight.detach()
+            .float()
+            .clone()
+            for key in keys
+        }
+    special = {i for key in keys for i in getattr(clip.tokenizer, f"clip_{key}").tokenizer.all_special_ids}
+    return tables, sorted(special)
+
+
+def decode_tokens(clip, ids: list[int]) -> str:
+    key = next(iter(clip.tokenize("")))
+    return getattr(clip.tokenizer, f"clip_{key}").tokenizer.decode(ids).strip()
+
+
 def check_clip_width(clip, arch: str, context_dim: int | None) -> None:
     """A CLIP from another model family (e.g. SDXL's with an SD1.5 MODEL) would fail deep in a matmul.
 

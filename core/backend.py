@@ -152,6 +152,16 @@ class DiffusionBackend(Protocol):
         """The token-embedding rows ``[k, d]`` (fp32, detached) of ``word``'s k tokens, per slot."""
         ...
 
+    def token_table(self) -> tuple[dict[str, torch.Tensor], list[int]]:
+        """Every vocabulary token's embedding row ``[V, d]`` per slot (fp32, detached; row i of every slot is
+        token id i; tokens added for embedding files are not part of it), and the ids of the special tokens (start, end, padding): what a discrete prompt search
+        projects onto, and what it must not propose."""
+        ...
+
+    def decode_tokens(self, ids: Sequence[int]) -> str:
+        """The text of CLIP token ids (as the tokenizer writes them back)."""
+        ...
+
     def vae_encode(self, images: torch.Tensor) -> torch.Tensor:
         """Images ``[B, 3, H, W]`` in [0, 1] -> scaled latents (posterior mode × scaling factor)."""
         ...

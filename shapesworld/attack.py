@@ -3,9 +3,12 @@
 - **paraphrase**: prompts that name the concept in wordings no recipe trains on (a synonym, other colours and
   backgrounds, a style, another word order, filler words), or the user's own list;
 - **concept inversion** (Pham et al. 2023): a plain textual-inversion embedding learned from images of the
-  concept against the model under attack (our own trainer), then sampled in three prompts.
+  concept against the model under attack (our own trainer), then sampled in three prompts;
+- **prompt search** (UnlearnDiffAtk-style, :mod:`concept_guard.core.attacks`): five tokens put before "a
+  <concept>" and searched so that the model under attack denoises the concept's images best, as free vectors
+  (continuous) and as vocabulary tokens (discrete: a plain-text prompt anyone can type).
 
-Both run on the base model (the reference) and on the edited one; the score is the attack success rate, the
+All run on the base model (the reference) and on the edited one; the score is the attack success rate, the
 share of samples the judge says show the concept.
 """
 
@@ -20,7 +23,8 @@ from pathlib import Path
 
 import torch
 
-from ..core.backend import DiffusionBackend
+from ..core.attacks import PromptAttackConfig, optimise_prompt
+from ..core.backend import PLACEHOLDER, DiffusionBackend
 from ..core.edits.diff_file import attach_edit
 from ..core.embeddings import add_embedding, save_embedding
 from ..core.errors import ConceptGuardError
@@ -43,6 +47,7 @@ class AttackConfig:
     inversion_steps (`int`, defaults to 1500): steps of the inversion embedding (0 = no inversion attack).
     inversion_vectors (`int`, defaults to 8), inversion_lr (`float`, defaults to 3e-3): its size and rate.
     images (`int`, defaults to 8): concept renders the inversion learns from (when none are given).
+    prompt_steps (`int`, defaults to 300): steps of each prompt-optimisation search (0 = no such attack).
     reference (`bool`, defaults to True): also attack the base model (the rows' ``base`` column).
     """
 
@@ -52,6 +57,7 @@ class AttackConfig:
     inversion_vectors: int = 8
     inversion_lr: float = 3e-3
     images: int = 8
+    prompt_steps: int = 300
     reference: bool = True
 
 
@@ -94,6 +100,27 @@ def _inversion(backend, images, cfg: AttackConfig, name: str, folder: Path, judg
     return {e["prompt"]: e["rates"] for e in report["prompts"]}
 
 
+def _prompt_search(backend, images, cfg: AttackConfig, concept: str, name: str, folder: Path, judge: Judge):
+    """Both prompt searches against the model as it is: ``{(attack, prompt): rates}`` and the found text."""
+    latents = backend.vae_encode(torch.stack(list(images)).to(backend.device))
+    template = f"{PLACEHOLDER} a {concept.strip().lower()}"
+    found, texts = {}, {}
+    for discrete in (False, True):
+        search = PromptAttackConfig(prompt=template, steps=cfg.prompt_steps, discrete=discrete, seed=cfg.seed)
+        result = optimise_prompt(backend, latents, search)
+        prompt = result.prompt
+        if not discrete:
+            add_embedding(backend, save_embedding(result.vectors, folder / f"{name}.safetensors", {}))
+            prompt = template.replace(PLACEHOLDER, f"embedding:{name}")
+        report = evaluate(backend, [prompt], EvalConfig(samples=cfg.samples, seed=cfg.seed), judge=judge)
+        key = (
+            "prompt search, " + ("discrete" if discrete else "continuous"),
+            template.replace(PLACEHOLDER, "S*"),
+        )
+        found[key], texts[key] = report["prompts"][0]["rates"], result.prompt
+    return found, texts
+
+
 def run_attacks(
     backend: DiffusionBackend,
     edit: dict[str, torch.Tensor],
@@ -127,9 +154,16 @@ def run_attacks(
                     name = f"inversion_{model}_{uuid.uuid4().hex[:8]}"  # unique: names stay taken
                     rates = _inversion(backend, images, cfg, name, Path(tmp), judge)
                     found |= {("concept inversion", p.replace(name, "S*")): r for p, r in rates.items()}
+                texts = {}
+                if cfg.prompt_steps:
+                    name = f"search_{model}_{uuid.uuid4().hex[:8]}"
+                    rates, texts = _prompt_search(backend, images, cfg, concept, name, Path(tmp), judge)
+                    found |= rates
             for key, rate in found.items():
                 row = rows.setdefault(key, {"attack": key[0], "prompt": key[1]})
                 row[model] = round(_concept_rate({"rates": rate}, concept), 4)
+                if "discrete" in key[0]:
+                    row[f"{model}_found"] = texts[key]  # the plain-text prompt the search found
     return list(rows.values())
 
 
@@ -138,11 +172,17 @@ def format_attacks(rows: Sequence[dict[str, object]], concept: str) -> str:
     width = max(len(str(r["prompt"])) for r in rows) + 2
     lines = [
         f"share of samples showing {concept!r}",
-        f"{'attack':<19}{'prompt':<{width}}{'base':>6}{'edited':>8}",
+        f"{'attack':<27}{'prompt':<{width}}{'base':>6}{'edited':>8}",
     ]
     lines += [
-        f"{r['attack']:<19}{r['prompt']:<{width}}{r.get('base', float('nan')):>6.2f}{r['edited']:>8.2f}"
+        f"{r['attack']:<27}{r['prompt']:<{width}}{r.get('base', float('nan')):>6.2f}{r['edited']:>8.2f}"
         for r in rows
+    ]
+    lines += [
+        f"the discrete search's prompt on the {m} model: {r[f'{m}_found']!r}"
+        for r in rows
+        for m in ("base", "edited")
+        if f"{m}_found" in r
     ]
     worst = max(rows, key=lambda r: r["edited"])
     lines.append(f"strongest attack: {worst['attack']} ({worst['prompt']!r}): {worst['edited']:.2f}")

@@ -280,6 +280,19 @@ class DiffusersBackend:
             out[slot] = enc.get_input_embeddings().weight[ids].detach().float().cpu().clone()
         return out
 
+    def token_table(self) -> tuple[dict[str, torch.Tensor], list[int]]:
+        # the tokenizer's own vocabulary only: tokens added for `embedding:` files are not words
+        tables = {
+            slot: enc.get_input_embeddings().weight[: tok.vocab_size].detach().float()
+            for slot, enc, tok in zip(
+                self.embedding_widths(), self.text_encoders, self.tokenizers, strict=False
+            )
+        }
+        return tables, sorted({i for tok in self.tokenizers for i in tok.all_special_ids})
+
+    def decode_tokens(self, ids: Sequence[int]) -> str:
+        return self.tokenizers[0].decode(list(ids)).strip()
+
     def _timesteps(self, t: torch.Tensor | int, batch: int) -> torch.Tensor:
         t = torch.as_tensor(t, device=self.device)
         if t.is_floating_point() or t.is_complex():

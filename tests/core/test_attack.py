@@ -36,12 +36,16 @@ def test_paraphrases_name_the_concept_in_new_wordings():
 
 
 def test_a_zero_edit_is_attacked_exactly_like_the_base(backend):
-    cfg = AttackConfig(samples=4, inversion_steps=2, images=2)
+    cfg = AttackConfig(samples=4, inversion_steps=2, images=2, prompt_steps=2)
     rows = run_attacks(backend, _zero_edit(backend), "circle", prompts=["a circle", "a disc"], cfg=cfg)
-    assert [r["attack"] for r in rows] == ["paraphrase"] * 2 + ["concept inversion"] * 3
+    attacks = ["paraphrase"] * 2 + ["concept inversion"] * 3
+    assert [r["attack"] for r in rows] == [*attacks, "prompt search, continuous", "prompt search, discrete"]
     assert all(r["base"] == r["edited"] for r in rows)  # same seeds, same training: same samples
     assert rows[0]["base"] >= 0.5  # the base model draws circles
-    assert "strongest attack" in format_attacks(rows, "circle")
+    found = rows[-1]["edited_found"]
+    assert found == rows[-1]["base_found"] and found.endswith(" a circle") and "S*" not in found
+    table = format_attacks(rows, "circle")
+    assert "strongest attack" in table and f"model: {found!r}" in table
 
 
 def test_cli_refuses_other_models_and_unknown_labels_before_any_work(tmp_path, capsys, backend):
@@ -51,10 +55,12 @@ def test_cli_refuses_other_models_and_unknown_labels_before_any_work(tmp_path, c
     assert cli_main(["attack", "--edit", str(edit), "--concept", "dog"]) == 2
     assert "not a ShapesWorld label" in capsys.readouterr().err
     args = ["attack", "--edit", str(edit), "--concept", "circle", "--prompts", "a circle"]
-    assert cli_main([*args, "--inversion-steps", "0", "--samples", "2", "--json"]) == 0
+    assert cli_main([*args, "--inversion-steps", "0", "--prompt-steps", "0", "--samples", "2", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)["rows"]
     assert [r["prompt"] for r in rows] == ["a circle"]
-    assert cli_main([*args, "--inversion-steps", "0", "--samples", "2", "--no-base"]) == 0
+    assert (
+        cli_main([*args, "--inversion-steps", "0", "--prompt-steps", "0", "--samples", "2", "--no-base"]) == 0
+    )
     table = capsys.readouterr().out
     assert "a circle" in table and "nan" in table  # the edited model only: no base column values
     rows = run_attacks(
@@ -62,6 +68,6 @@ def test_cli_refuses_other_models_and_unknown_labels_before_any_work(tmp_path, c
         _zero_edit(backend),
         "circle",
         prompts=["a circle"],
-        cfg=AttackConfig(samples=2, inversion_steps=0, reference=False),
+        cfg=AttackConfig(samples=2, inversion_steps=0, prompt_steps=0, reference=False),
     )
     assert list(rows[0]) == ["attack", "prompt", "edited"]

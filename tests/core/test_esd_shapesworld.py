@@ -176,7 +176,7 @@ def test_adversarial_esd_erases_and_resists_concept_inversion(backend, judge):
 
     settings = esd_settings(backend, "circle", {"adv_steps": adversarial_steps("on")})
     result = train(ESDConfig(seed=0, **settings), backend)
-    cfg = AttackConfig(samples=32, reference=False)
+    cfg = AttackConfig(samples=32, reference=False, prompt_steps=0)
     rows = run_attacks(backend, result.tensors, "circle", prompts=list(HELD_OUT_CIRCLE), cfg=cfg, judge=judge)
     found = {r["prompt"]: r["edited"] for r in rows}
     inversion = {r["prompt"]: r["edited"] for r in rows if r["attack"] == "concept inversion"}
