@@ -24,4 +24,22 @@ def edit_file_inputs() -> list:
     ]
 
 
-__all__ = ["CATEGORY", "ComfyExtension", "edit_file_inputs", "io", "ui"]
+def edit_outputs() -> list:
+    """``MODEL`` (the input's clone with the edit as patches), ``path`` (the saved file, or empty) and ``report``:
+    what every node that makes an edit returns."""
+    return [
+        io.Model.Output(display_name="MODEL"),
+        io.String.Output(display_name="path"),
+        io.String.Output(display_name="report"),
+    ]
+
+
+def choice_problem(name: str, value: str, options: tuple[str, ...]) -> str | None:
+    """The reason a combo value is refused at queue time (ComfyUI 0.3.64 checks no V3 combo value itself), or
+    ``None``; "" is accepted as auto, which the page sends for a combo it has no value for."""
+    if value in (*options, ""):
+        return None
+    return f"`{name}` must be one of {list(options)}, got {value!r}."
+
+
+__all__ = ["CATEGORY", "ComfyExtension", "choice_problem", "edit_file_inputs", "edit_outputs", "io", "ui"]

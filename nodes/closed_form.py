@@ -9,7 +9,7 @@ from ..core.methods.esd import parse_concepts
 from ..core.methods.uce import CLOSED_FORM_METHODS, UCEConfig, train
 from ..core.score import score_edit, score_metadata, score_report
 from ..presets import AUTO, UCE_DEFAULTS, auto_hint, describe, uce_settings
-from ._api import CATEGORY, edit_file_inputs, io
+from ._api import CATEGORY, choice_problem, edit_file_inputs, edit_outputs, io
 from ._io import edit_output_path, phase_callback
 
 _REPORTED = ("method", "erase_scale", "preserve_scale", "lamb", "rounds")
@@ -108,11 +108,7 @@ class EraseConceptClosedForm(io.ComfyNode):
                     tooltip="Image side (px) of the score's x_t; 0 = the model's native size.",
                 ),
             ],
-            outputs=[
-                io.Model.Output(display_name="MODEL"),
-                io.String.Output(display_name="path"),
-                io.String.Output(display_name="report"),
-            ],
+            outputs=edit_outputs(),
             hidden=[io.Hidden.unique_id],
         )
 
@@ -121,9 +117,7 @@ class EraseConceptClosedForm(io.ComfyNode):
         # Only what is checked here is named (see the ESD node): ComfyUI skips its own checks for these inputs.
         if isinstance(concepts, str) and not parse_concepts(concepts):
             return "`concepts` is empty: name at least one concept to erase, e.g. 'circle'."
-        if method not in (*_METHODS, ""):
-            return f"`method` must be one of {list(_METHODS)}, got {method!r}."
-        return True
+        return choice_problem("method", method, _METHODS) or True
 
     @classmethod
     def execute(

@@ -10,7 +10,7 @@ from ..core.methods.esd import ESDConfig, parse_concepts, train
 from ..core.score import score_edit, score_metadata, score_report
 from ..core.targets import ESD_METHODS
 from ..presets import AUTO, ESD_DEFAULTS, adversarial_steps, auto_hint, describe, esd_settings
-from ._api import CATEGORY, edit_file_inputs, io
+from ._api import CATEGORY, choice_problem, edit_file_inputs, edit_outputs, io
 from ._io import edit_output_path, phase_callback, progress_callback
 
 #: Settings the node reports after a run.
@@ -145,11 +145,7 @@ class EraseConceptESD(io.ComfyNode):
                     "empty = none (on ShapesWorld: every other shape in every colour).",
                 ),
             ],
-            outputs=[
-                io.Model.Output(display_name="MODEL"),
-                io.String.Output(display_name="path"),
-                io.String.Output(display_name="report"),
-            ],
+            outputs=edit_outputs(),
             hidden=[io.Hidden.unique_id],
         )
 
@@ -160,9 +156,7 @@ class EraseConceptESD(io.ComfyNode):
         # value at queue time, so the combo is checked here.)
         if isinstance(concepts, str) and not parse_concepts(concepts):
             return "`concepts` is empty: name at least one concept to erase, e.g. 'circle'."
-        if adversarial not in (*_ADVERSARIAL, ""):  # the page sends "" for a combo it has no value for: auto
-            return f"`adversarial` must be one of {list(_ADVERSARIAL)}, got {adversarial!r}."
-        return True
+        return choice_problem("adversarial", adversarial, _ADVERSARIAL) or True
 
     @classmethod
     def execute(

@@ -10,7 +10,7 @@ from ..core.edits.diff_file import EDIT_DTYPE, save_edit
 from ..core.errors import ConceptGuardError
 from ..core.methods.safegen import SafeGenConfig, train
 from ..presets import SAFEGEN_DEFAULTS, auto_hint, describe, safegen_settings
-from ._api import CATEGORY, edit_file_inputs, io
+from ._api import CATEGORY, edit_file_inputs, edit_outputs, io
 from ._io import edit_output_path, phase_callback, progress_callback
 
 #: Settings the node reports after a run.
@@ -109,11 +109,7 @@ class EraseVisualConceptSafeGen(io.ComfyNode):
                     "the model's own size.",
                 ),
             ],
-            outputs=[
-                io.Model.Output(display_name="MODEL"),
-                io.String.Output(display_name="path"),
-                io.String.Output(display_name="report"),
-            ],
+            outputs=edit_outputs(),
             hidden=[io.Hidden.unique_id],
         )
 

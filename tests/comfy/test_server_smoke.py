@@ -20,6 +20,7 @@ def _pack_import_lines(log: str) -> list[str]:
 #: Every node the pack must register, by node id (a node that fails to import must fail this test).
 EXPECTED_NODE_IDS = {
     "ConceptGuardEraseESD",
+    "ConceptGuardEraseClosedForm",
     "ConceptGuardBackdoorTI",
     "ConceptGuardApplyEditedUNet",
     "ConceptGuardConvertEdit",
