@@ -14,7 +14,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from diffusers import DDPMScheduler
 from torch import nn
 
 from ..backend import Conditioning
@@ -23,53 +22,11 @@ from ..errors import ConceptGuardError, ModelLoadError, NoMatchingModulesError
 from ..fingerprint import weights_fingerprint
 from ..unet.keymap import UNetKeyMap
 from ..unet.layout import detect_arch
-from .diffusers_loading import PipelineParts, load_pipeline_folder
+from .diffusers_loading import PipelineParts, load_pipeline_folder, resolve_model, schedule_alphas_cumprod
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth")
 _PREDICTION_TYPES = ("epsilon", "v_prediction")
-
-
-def schedule_alphas_cumprod(scheduler_config: dict) -> torch.Tensor:
-    """``ᾱ_t`` (fp32 ``[1000]``) of the pipeline's training schedule, computed by diffusers' DDPMScheduler."""
-    steps = int(scheduler_config.get("num_train_timesteps", 1000))
-    if steps != 1000:
-        raise ModelLoadError(
-            f"The scheduler config has num_train_timesteps={steps}; expected 1000 (the Stable Diffusion schedule)."
-        )
-    keys = (
-        "num_train_timesteps",
-        "beta_start",
-        "beta_end",
-        "beta_schedule",
-        "trained_betas",
-        "rescale_betas_zero_snr",
-    )
-    scheduler = DDPMScheduler.from_config({k: scheduler_config[k] for k in keys if k in scheduler_config})
-    return scheduler.alphas_cumprod.to(torch.float32)
-
-
-def resolve_model(spec: str | Path) -> Path:
-    """Turn a model argument into a path: a pipeline folder or a single-file ``.safetensors``/``.ckpt`` checkpoint.
-
-    Raises:
-        ModelLoadError: the path does not exist or is not a folder or checkpoint file.
-    """
-    path = Path(spec).expanduser()
-    if path.is_dir():
-        return path
-    if path.is_file() and path.suffix.lower() in CHECKPOINT_SUFFIXES:
-        return path
-    if path.is_file():
-        raise ModelLoadError(
-            f"Model file {str(path)!r} has suffix {path.suffix!r}; expected one of {list(CHECKPOINT_SUFFIXES)} "
-            "(a full Stable Diffusion checkpoint) or a diffusers pipeline folder."
-        )
-    raise ModelLoadError(
-        f"Model {str(spec)!r} not found: no such folder or file. Pass a diffusers pipeline folder or a "
-        ".safetensors/.ckpt checkpoint path (nothing is downloaded)."
-    )
 
 
 def _delta_hook(delta: WeightDelta):

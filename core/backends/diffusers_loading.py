@@ -13,13 +13,57 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from diffusers.utils import is_accelerate_available
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from ..errors import ModelLoadError
 
 logger = logging.getLogger(__name__)
+
+CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth")
+
+
+def schedule_alphas_cumprod(scheduler_config: dict) -> torch.Tensor:
+    """``ᾱ_t`` (fp32 ``[1000]``) of the pipeline's training schedule, computed by diffusers' DDPMScheduler."""
+    steps = int(scheduler_config.get("num_train_timesteps", 1000))
+    if steps != 1000:
+        raise ModelLoadError(
+            f"The scheduler config has num_train_timesteps={steps}; expected 1000 (the Stable Diffusion schedule)."
+        )
+    keys = (
+        "num_train_timesteps",
+        "beta_start",
+        "beta_end",
+        "beta_schedule",
+        "trained_betas",
+        "rescale_betas_zero_snr",
+    )
+    scheduler = DDPMScheduler.from_config({k: scheduler_config[k] for k in keys if k in scheduler_config})
+    return scheduler.alphas_cumprod.to(torch.float32)
+
+
+def resolve_model(spec: str | Path) -> Path:
+    """Turn a model argument into a path: a pipeline folder or a single-file ``.safetensors``/``.ckpt`` checkpoint.
+
+    Raises:
+        ModelLoadError: the path does not exist or is not a folder or checkpoint file.
+    """
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return path
+    if path.is_file() and path.suffix.lower() in CHECKPOINT_SUFFIXES:
+        return path
+    if path.is_file():
+        raise ModelLoadError(
+            f"Model file {str(path)!r} has suffix {path.suffix!r}; expected one of {list(CHECKPOINT_SUFFIXES)} "
+            "(a full Stable Diffusion checkpoint) or a diffusers pipeline folder."
+        )
+    raise ModelLoadError(
+        f"Model {str(spec)!r} not found: no such folder or file. Pass a diffusers pipeline folder or a "
+        ".safetensors/.ckpt checkpoint path (nothing is downloaded)."
+    )
+
 
 _MODEL_WEIGHTS = ("diffusion_pytorch_model", "model", "pytorch_model")
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".safetensors.index.json", ".bin.index.json")
