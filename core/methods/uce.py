@@ -242,7 +242,9 @@ def train(
             found_c.append(e)
             found_a.append(_rece_targets(e, c, a))
             m = erase_map(torch.cat(found_c), torch.cat(found_a), p, **scales)
-            residuals.append(_residual(m, gram, found_c[-1], a))
+            residuals.append(
+                _residual(m, gram, found_c[-1], found_a[-1])
+            )  # the found rows against their targets
             if on_phase:
                 on_phase(f"RECE round {r + 1}/{cfg.rounds}")
     shift = m - torch.eye(m.shape[0], dtype=m.dtype, device=m.device)
