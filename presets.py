@@ -24,7 +24,14 @@ from collections.abc import Mapping
 from .core.backend import DiffusionBackend
 from .core.methods.esd import parse_concepts
 from .shapesworld import shapesworld_fingerprint
-from .shapesworld.recipes import DEMO_BACKDOOR_TI, DEMO_ESD, DEMO_SAFEGEN, DEMO_UCE, shapesworld_recipe
+from .shapesworld.recipes import (
+    DEMO_BACKDOOR_TI,
+    DEMO_ESD,
+    DEMO_SAFEGEN,
+    DEMO_UCE,
+    closed_form_recipe,
+    shapesworld_recipe,
+)
 
 #: What a node shows for a setting chosen by model (numbers use 0, methods this word).
 AUTO = "auto"
@@ -128,8 +135,8 @@ def uce_settings(backend: DiffusionBackend, concepts: str, given: Mapping[str, o
     settings: dict[str, object] = {"concepts": concepts}
     names = parse_concepts(concepts)
     if family == "shapesworld" and len(names) == 1:
-        recipe = shapesworld_recipe(names[0].removeprefix("a ").removeprefix("an "))
-        settings.update({k: recipe[k] for k in ("concepts", "erase_from", "preserve")})
+        recipe = closed_form_recipe(names[0].removeprefix("a ").removeprefix("an "))
+        settings.update({k: recipe[k] for k in ("concepts", "erase_from", "preserve") if k in recipe})
     settings.update(UCE_DEFAULTS[family])
     settings.update({k: v for k, v in given.items() if v is not None and v != "" and v != ()})
     return settings

@@ -32,12 +32,13 @@ import comfy.sd1_clip
 import comfy.supported_models
 import comfy.supported_models_base
 import comfy.utils
+import numpy as np
 import torch
 from comfy.diffusers_convert import convert_vae_state_dict
 
 from ..core.errors import ModelLoadError
 from ..core.unet.keymap import UNetKeyMap, diffusers_to_ldm_state_dict
-from ..shapesworld import shapesworld_model_path
+from ..shapesworld import shapesworld_model_path, world
 
 WEIGHT_FILES = (
     "unet/diffusion_pytorch_model.safetensors",
@@ -189,5 +190,25 @@ def load_shapesworld_comfy(folder: str | Path | None = None) -> ComfyShapesWorld
         vae = convert_vae(folder)
     finally:
         logging.disable(previous)
-    model = convert_unet(folder, latent_scale=float(_config(folder, "vae")["scaling_factor"]))
+    scale = float(_config(folder, "vae")["scaling_factor"])
+    model = convert_unet(folder, latent_scale=scale)
+    fmt = model.model.latent_format
+    fmt.latent_rgb_factors, fmt.latent_rgb_factors_bias = latent_rgb_factors(vae, scale)
+    fmt.taesd_decoder_name = None  # SD1.5's tiny decoder does not read this VAE's latents
     return ComfyShapesWorld(model=model, clip=convert_clip(folder), vae=vae, folder=folder)
+
+
+def latent_rgb_factors(vae: comfy.sd.VAE, scale: float, count: int = 64) -> tuple[list, list]:
+    """ComfyUI's latent-preview map for this VAE: the least-squares linear map (and bias) from model-space
+    latents to RGB in [-1, 1] at latent resolution, fitted on ``count`` seeded renders, so the previews of
+    KSampler (and of our training nodes) show the model's colours and shapes."""
+    rng = np.random.default_rng(0)
+    pixels = world.to_tensor(np.stack([world.render(world.sample_scene(rng)) for _ in range(count)]))
+    with torch.inference_mode():
+        latents = vae.encode(pixels.movedim(1, -1)).float() * scale
+    ratio = pixels.shape[-1] // latents.shape[-1]
+    target = torch.nn.functional.avg_pool2d(pixels, ratio) * 2 - 1
+    x = latents.movedim(1, -1).reshape(-1, latents.shape[1]).double()
+    x = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], dim=1)
+    solution = torch.linalg.lstsq(x, target.movedim(1, -1).reshape(-1, 3).double()).solution
+    return solution[:-1].tolist(), solution[-1].tolist()

@@ -44,6 +44,41 @@ class PromptScore:
     direction: float
 
 
+@dataclass(frozen=True)
+class _BasePoints:
+    """One prompt's x_t drawn by the base model, and the base's guidance there."""
+
+    prompt: str
+    cond: object
+    x: torch.Tensor
+    t: torch.Tensor
+    guidance: torch.Tensor
+
+
+def _base_points(backend: DiffusionBackend, prompts: Sequence[str], null, **sampling) -> list[_BasePoints]:
+    seed = sampling.pop("seed")
+    points = []
+    for i, prompt in enumerate(prompts):
+        cond = backend.encode_text([prompt])
+        traj = sample_trajectory(backend, cond, null, seed=seed + i, **sampling)
+        x = traj.latents.flatten(0, 1)
+        t = traj.timesteps.to(x.device).repeat_interleave(sampling["batch"])
+        points.append(_BasePoints(prompt, cond, x, t, _guidance(backend, x, t, cond, null)))
+    return points
+
+
+def _score(point: _BasePoints, edited: torch.Tensor) -> PromptScore:
+    base = point.guidance
+    ratio = float(edited.norm() / base.norm().clamp_min(1e-12))
+    direction = float(F.cosine_similarity(edited.flatten(), base.flatten(), dim=0))
+    return PromptScore(
+        prompt=point.prompt,
+        score=round(ratio * direction, 4),
+        norm_ratio=round(ratio, 4),
+        direction=round(direction, 4),
+    )
+
+
 @torch.no_grad()
 def concept_scores(
     backend: DiffusionBackend,
@@ -62,35 +97,30 @@ def concept_scores(
     from training. Cost: per prompt ``2·steps`` guided sampling calls plus four ε calls per x_t.
     """
     null = backend.encode_text([""])
-    out = []
-    for i, prompt in enumerate(prompts):
-        cond = backend.encode_text([prompt])
-        with deltas.teacher():
-            traj = sample_trajectory(
-                backend,
-                cond,
-                null,
-                batch=trajectories,
-                steps=steps,
-                guidance=guidance,
-                seed=seed + i,
-                latent_size=latent_size,
-            )
-            x = traj.latents.flatten(0, 1)
-            t = traj.timesteps.to(x.device).repeat_interleave(trajectories)
-            base = _guidance(backend, x, t, cond, null)
-        edited = _guidance(backend, x, t, cond, null)
-        ratio = float(edited.norm() / base.norm().clamp_min(1e-12))
-        direction = float(F.cosine_similarity(edited.flatten(), base.flatten(), dim=0))
-        out.append(
-            PromptScore(
-                prompt=prompt,
-                score=round(ratio * direction, 4),
-                norm_ratio=round(ratio, 4),
-                direction=round(direction, 4),
-            )
-        )
-    return out
+    sampling = dict(batch=trajectories, steps=steps, guidance=guidance, seed=seed, latent_size=latent_size)
+    with deltas.teacher():
+        points = _base_points(backend, prompts, null, **sampling)
+    return [_score(p, _guidance(backend, p.x, p.t, p.cond, null)) for p in points]
+
+
+@torch.no_grad()
+def compare_scores(
+    base: DiffusionBackend,
+    edited: Sequence[DiffusionBackend],
+    prompts: Sequence[str],
+    *,
+    trajectories: int = 4,
+    steps: int = 10,
+    guidance: float = 3.0,
+    seed: int = 12345,
+    latent_size: int | None = None,
+) -> list[list[PromptScore]]:
+    """:func:`concept_scores` between separate models that share a text encoder (a base MODEL and edited
+    MODELs): ``scores[model][prompt]``. The base runs first, then each edited model, so each is loaded once."""
+    null = base.encode_text([""])
+    sampling = dict(batch=trajectories, steps=steps, guidance=guidance, seed=seed, latent_size=latent_size)
+    points = _base_points(base, prompts, null, **sampling)
+    return [[_score(p, _guidance(model, p.x, p.t, p.cond, null)) for p in points] for model in edited]
 
 
 def _guidance(backend: DiffusionBackend, x: torch.Tensor, t: torch.Tensor, cond, null, chunk: int = 16):
@@ -102,6 +132,17 @@ def _guidance(backend: DiffusionBackend, x: torch.Tensor, t: torch.Tensor, cond,
             backend.eps(xs, ts, cond.expand_to(n)).float() - backend.eps(xs, ts, null.expand_to(n)).float()
         )
     return torch.cat(parts)
+
+
+def compare_table(
+    prompts: Sequence[str], names: Sequence[str], scores: Sequence[Sequence[PromptScore]]
+) -> str:
+    """A text table of :func:`compare_scores`: one row per prompt, one column per edited model."""
+    lines = ["concept score (1 = as the base, 0 = the prompt's guidance is gone, < 0 = steers away)"]
+    lines.append(f"  {'prompt':<48} " + " ".join(f"{n:>9}" for n in names))
+    for i, prompt in enumerate(prompts):
+        lines.append(f"  {prompt[:48]:<48} " + " ".join(f"{col[i].score:>+9.2f}" for col in scores))
+    return "\n".join(lines)
 
 
 def score_report(erased: Sequence[PromptScore], kept: Sequence[PromptScore]) -> str:

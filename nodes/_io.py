@@ -45,13 +45,16 @@ def embedding_output_path(name: str, *, overwrite: bool) -> Path:
     return _model_file("embeddings", "", name, what="embedding name", overwrite=overwrite)
 
 
-def progress_callback(total: int, node_id: str | None = None) -> StepCallback:
-    """ProgressBar updates (which also check for interrupts) plus a loss event for our web extension."""
+def progress_callback(
+    total: int, node_id: str | None = None, preview: Callable[[int], tuple | None] | None = None
+) -> StepCallback:
+    """ProgressBar updates (which also check for interrupts) plus a loss event for our web extension; with
+    ``preview``, the image it returns for a step (``None`` on most steps) shows on the node."""
     bar = comfy.utils.ProgressBar(total, node_id=node_id)
 
     def on_step(step: int, steps: int, loss: float) -> None:
         comfy.model_management.throw_exception_if_processing_interrupted()
-        bar.update_absolute(step, steps)
+        bar.update_absolute(step, steps, preview(step) if preview is not None and step else None)
         if step == 0:  # still sampling the frozen model's trajectories: no loss yet
             return
         _send({"node": node_id, "step": step, "total": steps, "loss": loss})

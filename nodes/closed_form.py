@@ -14,7 +14,7 @@ from ._io import edit_output_path, phase_callback
 
 _REPORTED = ("method", "erase_scale", "preserve_scale", "lamb", "rounds")
 _METHODS = (AUTO, *CLOSED_FORM_METHODS)
-_AUTO_HINT = {key: auto_hint(UCE_DEFAULTS, key) for key in ("method", "erase_scale", "lamb")}
+_AUTO_HINT = {key: auto_hint(UCE_DEFAULTS, key) for key in ("method", "eta", "erase_scale", "lamb")}
 
 
 class EraseConceptClosedForm(io.ComfyNode):
@@ -55,8 +55,8 @@ class EraseConceptClosedForm(io.ComfyNode):
                     min=0.0,
                     max=20.0,
                     step=0.1,
-                    tooltip="Push erased prompts past the anchor, away from the concept (like ESD's eta); 0 maps "
-                    "them onto the anchor, as UCE does. With an empty anchor, 0 leaves what the empty prompt draws.",
+                    tooltip="Push erased prompts past the anchor, away from the concept (like ESD's eta). 0 = auto "
+                    f"({_AUTO_HINT['eta']}); on SD auto maps them onto the anchor, as UCE does.",
                 ),
                 io.Float.Input(
                     "erase_scale",
@@ -157,6 +157,7 @@ class EraseConceptClosedForm(io.ComfyNode):
             result = train(cfg, backend, on_phase=on_phase)
             # The MODEL gets exactly what the file holds (fp16 deltas), so applying the file reproduces it.
             deltas = {k: v.to(EDIT_DTYPE) for k, v in result.tensors.items()}
+            scores = None
             if score:
                 on_phase("scoring the edit")
                 latent = resolution // 8 if resolution else None
@@ -170,7 +171,7 @@ class EraseConceptClosedForm(io.ComfyNode):
         lines = [
             describe(backend, shown, _REPORTED),
             f"solved in {result.seconds:.2f}s",
-            score_report(*scores),
+            score_report(*scores) if scores else "concept score: off",
         ]
         return io.NodeOutput(
             edited, str(path) if path else "", "\n".join(lines + ([f"saved {path}"] if path else []))

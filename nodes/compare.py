@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import comfy.utils
 
+from ..comfy_backend.backend import ComfyBackend
 from ..comfy_backend.compare import sample_models
 from ..core.errors import ConceptGuardError
 from ..core.grid import grid_tensor, labelled_grid
+from ..core.score import compare_scores, compare_table
 from ._api import CATEGORY, io
 
 
@@ -39,8 +41,15 @@ class CompareModels(io.ComfyNode):
                 io.Int.Input("steps", default=20, min=1, max=200),
                 io.Float.Input("cfg", default=5.0, min=0.0, max=30.0, step=0.5),
                 io.Model.Input("edited_2", optional=True, tooltip="A second edited MODEL to compare."),
+                io.Boolean.Input(
+                    "score",
+                    default=True,
+                    optional=True,
+                    tooltip="Also measure each prompt's concept score (how much of the base's guidance the "
+                    "edited model keeps: 1 = as before, 0 = gone) and return it as a table.",
+                ),
             ],
-            outputs=[io.Image.Output(display_name="grid")],
+            outputs=[io.Image.Output(display_name="grid"), io.String.Output(display_name="report")],
         )
 
     @classmethod
@@ -51,14 +60,14 @@ class CompareModels(io.ComfyNode):
 
     @classmethod
     def execute(
-        cls, base, edited, clip, vae, prompts, seed, samples, steps, cfg, edited_2=None
+        cls, base, edited, clip, vae, prompts, seed, samples, steps, cfg, edited_2=None, score=True
     ) -> io.NodeOutput:
         lines = _prompts(prompts)
         if not lines:
             raise ConceptGuardError("`prompts` is empty: give at least one prompt, one per line.")
         models = [base, edited, *([edited_2] if edited_2 is not None else [])]
         names = ["base", "edited", "edited 2"][: len(models)]
-        bar = comfy.utils.ProgressBar(len(lines) * len(models))
+        bar = comfy.utils.ProgressBar(len(lines) * len(models) * (2 if score else 1))
         images = sample_models(
             models,
             clip,
@@ -70,4 +79,9 @@ class CompareModels(io.ComfyNode):
             cfg=cfg,
             on_done=lambda: bar.update(1),
         )
-        return io.NodeOutput(grid_tensor(labelled_grid(lines, names, images)))
+        report = ""
+        if score:
+            backends = [ComfyBackend(m, clip) for m in models]
+            report = compare_table(lines, names[1:], compare_scores(backends[0], backends[1:], lines))
+            bar.update(len(lines) * len(models))
+        return io.NodeOutput(grid_tensor(labelled_grid(lines, names, images)), report)

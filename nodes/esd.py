@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ..comfy_backend.backend import ComfyBackend
 from ..comfy_backend.patches import make_patched_model
+from ..comfy_backend.preview import TrainingPreview
 from ..core.edits.diff_file import EDIT_DTYPE, save_edit
 from ..core.errors import ConceptGuardError
 from ..core.methods.esd import ESDConfig, parse_concepts, train
@@ -144,6 +145,20 @@ class EraseConceptESD(io.ComfyNode):
                     tooltip="Prompts whose images must not change, comma-separated (e.g. 'a square, a star'); "
                     "empty = none (on ShapesWorld: every other shape in every colour).",
                 ),
+                io.Int.Input(
+                    "previews",
+                    default=4,
+                    min=0,
+                    max=50,
+                    optional=True,
+                    tooltip="Samples of the first concept shown on the node while it trains, evenly spaced (each "
+                    "costs one 10-step sample); 0 = none.",
+                ),
+                io.Vae.Input(
+                    "vae",
+                    optional=True,
+                    tooltip="Decodes the previews at full size; without it they are ComfyUI's latent previews.",
+                ),
             ],
             outputs=edit_outputs(),
             hidden=[io.Hidden.unique_id],
@@ -179,9 +194,11 @@ class EraseConceptESD(io.ComfyNode):
         erase_from: str = "",
         preserve: str = "",
         adversarial: str = AUTO,
+        previews: int = 4,
+        vae=None,
     ) -> io.NodeOutput:
         path = edit_output_path(file_name, overwrite=overwrite)
-        backend = ComfyBackend(model, clip)
+        backend = ComfyBackend(model, clip, vae)
         given = dict(method=method, eta=eta, iterations=iterations, lr=lr, guidance=guidance)
         given |= dict(sampling_steps=sampling_steps, erase_from=erase_from, preserve=preserve)
         given = {k: None if v in (0, AUTO) else v for k, v in given.items()}
@@ -191,7 +208,11 @@ class EraseConceptESD(io.ComfyNode):
         )
         with backend.training(checkpointing=low_memory):
             node_id = cls.hidden.unique_id if cls.hidden is not None else None  # None outside a graph
-            on_step, on_phase = progress_callback(cfg.iterations, node_id), phase_callback(node_id)
+            preview = TrainingPreview(
+                backend, cfg.concepts[0], count=previews, total=cfg.iterations, latent_size=cfg.latent_size
+            )
+            on_step = progress_callback(cfg.iterations, node_id, preview)
+            on_phase = phase_callback(node_id)
             result = train(cfg, backend, on_step=on_step, on_phase=on_phase)
             if not result.tensors:
                 raise ConceptGuardError("ESD produced no deltas; nothing was applied or written.")

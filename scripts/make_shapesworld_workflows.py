@@ -11,8 +11,9 @@ from pathlib import Path
 
 OUT = Path(__file__).resolve().parents[1] / "example_workflows"
 # ESD widgets: concepts, method, anchor, eta, iterations, lr, seed, file_name, overwrite, guidance,
-# sampling_steps, resolution, low_memory, erase_from, preserve, adversarial (0 / "auto" = chosen by model).
-ESD_AUTO = ["circle", "auto", "", 0.0, 0, 0.0, 0, "", False, 0.0, 0, 0, True, "", "", "auto"]
+# sampling_steps, resolution, low_memory, erase_from, adversarial, preserve, previews (0 / "auto" = chosen by
+# model).
+ESD_AUTO = ["circle", "auto", "", 0.0, 0, 0.0, 0, "", False, 0.0, 0, 0, True, "", "auto", "", 4]
 # Closed-form widgets: concepts, method, anchor, preserve, eta, erase_scale, preserve_scale, lamb, rounds,
 # file_name, then the optional overwrite, erase_from, score, resolution (0 / "auto" = chosen by model).
 CLOSED_FORM_AUTO = ["circle", "auto", "", "", 0.0, 0.0, 0.0, 0.0, 3, "", False, "", True, 0]
@@ -144,6 +145,8 @@ def erase_workflow(
     )
     g.link(load, 0, esd, "model")
     g.link(load, 1, esd, "clip")
+    if node == "ConceptGuardEraseESD":
+        g.link(load, 2, esd, "vae")  # full-size previews while it trains
     pos = g.node(
         "CLIPTextEncode", (760, 0), ["a red circle on a white background"], [("CONDITIONING", "CONDITIONING")]
     )

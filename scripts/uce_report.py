@@ -1,6 +1,6 @@
 """Closed-form erasure (UCE/RECE) on ShapesWorld for docs/results.md: erase "circle" with the auto settings of
 ``concept-guard erase --method uce|rece`` (optionally overridden), then judge the tuned prompts, what an attacker
-gets back (held-out paraphrases and concept inversion against the edited model, as ``concept-guard attack``) and
+gets back (held-out paraphrases, held-out captions in the model's own grammar, concept inversion against the edited model, as ``concept-guard attack``) and
 every other shape and colour (the GRID prompts, 32 samples each, seeds 500 + index, as the ESD report).
 
     .venv/bin/python scripts/uce_report.py --method uce [--set lamb=0.1 ...] [--no-inversion] [--threads 2]
@@ -21,7 +21,7 @@ from concept_guard.presets import uce_settings
 from concept_guard.shapesworld import load_shapesworld, world
 from concept_guard.shapesworld.attack import AttackConfig, paraphrases, run_attacks
 from concept_guard.shapesworld.evaluate import EvalConfig, evaluate
-from concept_guard.shapesworld.recipes import ERASED_PROMPTS, GRID
+from concept_guard.shapesworld.recipes import ERASED_PROMPTS, GRID, held_out_captions
 
 
 def _edited(backend, edit):
@@ -43,6 +43,13 @@ def grid_levels(backend, edit, seed: int) -> dict[str, float]:
 def tuned_rates(backend, edit, seed: int) -> dict[str, float]:
     with _edited(backend, edit):
         report = evaluate(backend, ERASED_PROMPTS["circle"], EvalConfig(samples=32, seed=seed))
+    return {e["prompt"]: e["rates"]["shape"]["circle"] for e in report["prompts"]}
+
+
+def caption_rates(backend, edit, seed: int) -> dict[str, float]:
+    """Circle rates on captions in the model's own grammar that no recipe trains on."""
+    with _edited(backend, edit):
+        report = evaluate(backend, held_out_captions("circle"), EvalConfig(samples=32, seed=seed))
     return {e["prompt"]: e["rates"]["shape"]["circle"] for e in report["prompts"]}
 
 
@@ -74,6 +81,7 @@ def main() -> None:
         }
         out |= {"concept_score": {s.prompt: s.score for s in (*erased, *kept)}}
     out["tuned"] = tuned_rates(backend, edit, 100 + args.eval_seed)
+    out["captions"] = caption_rates(backend, edit, 700 + args.eval_seed)
     attack = AttackConfig(
         samples=32,
         seed=300 + args.eval_seed,

@@ -3,6 +3,8 @@ evaluation prompt sets that the demo, the tests and the reports share (templates
 
 from __future__ import annotations
 
+import numpy as np
+
 from ..core.methods.ti_backdoor.prompts import HELD_OUT_TRIGGER_TEMPLATES
 from . import world
 
@@ -57,9 +59,13 @@ DEMO_ESD = dict(
 DEMO_ESD_STYLE = {**DEMO_ESD, "eta": 7.0, "bank_trajectories": 8, "iterations": 600, "batch_size": 16}
 
 
-# Closed-form erasure (UCE/RECE) on ShapesWorld, with the ESD recipe's prompts (scripts/uce_report.py and
-# docs/results.md).
-DEMO_UCE = dict(method="uce", eta=0.0, erase_scale=1.0, lamb=0.5, rounds=3)
+# Closed-form erasure (UCE/RECE) on ShapesWorld, with the prompts of `closed_form_recipe` (scripts/uce_report.py
+# and docs/results.md): η 1 pushes the erased wordings past the anchor; with the sampled preserved captions it
+# no longer moves the other shapes (measured: see docs/results.md).
+DEMO_UCE = dict(method="uce", eta=1.0, erase_scale=1.0, lamb=0.5, rounds=3)
+#: How many of the model's own captions the closed-form recipe erases (naming the shape) and preserves (naming
+#: another shape), and the seeds they are drawn with (evaluation sets use other seeds).
+CLOSED_FORM_CAPTIONS = {"erase": (100, 1), "preserve": (200, 2)}
 
 
 # SafeGen on ShapesWorld (scripts/safegen_report.py and docs/results.md): the exact target with Min-SNR-5
@@ -183,3 +189,44 @@ def shapesworld_recipe(concept: str) -> dict[str, object]:
             "preserve_null": True,
         }
     return {"concepts": (concept,)}
+
+
+def world_captions(
+    count: int, seed: int, *, shape: str | None = None, exclude: str | None = None
+) -> tuple[str, ...]:
+    """``count`` captions in the bundled model's own caption grammar (synonyms, styles, backgrounds, filler
+    words), each naming ``shape`` (or naming a shape other than ``exclude``), drawn with ``seed``."""
+    rng = np.random.default_rng(seed)
+    out: list[str] = []
+    while len(out) < count:
+        scene = world.sample_scene(rng, shape=shape)
+        if scene.shape == exclude:
+            continue
+        text = world.caption(scene, rng)
+        named = world.parse_prompt(text).get("shape")
+        if named == scene.shape:  # captions that say only "shape" name no shape
+            out.append(text)
+    return tuple(out)
+
+
+def closed_form_recipe(concept: str) -> dict[str, object]:
+    """The closed form's prompts for a ShapesWorld shape: the ESD recipe's, plus the shape in the model's own
+    caption wordings (erased) and the other shapes in them (preserved). The solve maps token vectors, and a
+    word's vector depends on the words before it: the captions cover the contexts the model knows ("a filled
+    blue circle" kept 0.62 of its circles without them; measured: see docs/results.md)."""
+    recipe = shapesworld_recipe(concept)
+    if concept not in world.SHAPES:
+        return recipe
+    (n_erase, s_erase), (n_keep, s_keep) = CLOSED_FORM_CAPTIONS["erase"], CLOSED_FORM_CAPTIONS["preserve"]
+    return {
+        **recipe,
+        "erase_from": (*recipe["erase_from"], *world_captions(n_erase, s_erase, shape=concept)),
+        "preserve": (*recipe["preserve"], *world_captions(n_keep, s_keep, exclude=concept)),
+    }
+
+
+def held_out_captions(shape: str, count: int = 16, seed: int = 4242) -> tuple[str, ...]:
+    """``count`` captions of ``shape`` in the model's own grammar that no recipe trains on (evaluation only)."""
+    seen = set(closed_form_recipe(shape)["erase_from"])
+    fresh = [c for c in dict.fromkeys(world_captions(4 * count, seed, shape=shape)) if c not in seen]
+    return tuple(fresh[:count])

@@ -99,6 +99,26 @@ def test_example_is_a_consistent_ui_graph(name):
             assert inp["link"] is None or any(link[0] == inp["link"] for link in workflow["links"])
 
 
+@pytest.mark.parametrize("name", EXAMPLE_FILES)
+def test_example_widget_values_fit_their_inputs(name, object_info):
+    """Each saved widget value of our nodes has its input's type, and a choice is one of the choices (values
+    sit by position, so a value saved in the wrong slot shows here)."""
+    prompt = ui_to_api(load_workflow(name), object_info, unmute=True)
+    for node in (n for n in prompt.values() if n["class_type"].startswith("ConceptGuard")):
+        info = object_info[node["class_type"]]["input"]
+        for key, value in node["inputs"].items():
+            spec = info.get("required", {}).get(key) or info.get("optional", {})[key]
+            if isinstance(value, list):  # a link
+                continue
+            kind = spec[0]
+            if isinstance(kind, list) or kind == "COMBO":
+                options = kind if isinstance(kind, list) else spec[1]["options"]
+                assert value in options, (name, node["class_type"], key, value)
+            else:
+                want = {"INT": int, "FLOAT": (int, float), "STRING": str, "BOOLEAN": bool}.get(kind)
+                assert want is None or isinstance(value, want), (name, node["class_type"], key, value)
+
+
 def test_erase_then_sample_workflow(comfy_server, checkpoint, object_info):
     prompt = tiny_prompt("esd_erase_and_sample.json", object_info)
     assert {n["class_type"] for n in prompt.values()} >= {

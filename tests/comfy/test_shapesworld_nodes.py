@@ -60,7 +60,7 @@ def test_compare_node_lays_out_the_same_seeds_side_by_side(loaded):
     lines = ["a red circle on a white background", "a blue square, with a much longer description that wraps"]
     with torch.inference_mode():
         images = sample_models([model, model], clip, vae, lines, seed=3, samples=2, steps=4, cfg=5.0)
-        (grid,) = CompareModels.execute(
+        grid, report = CompareModels.execute(
             base=model,
             edited=model,
             clip=clip,
@@ -76,8 +76,61 @@ def test_compare_node_lays_out_the_same_seeds_side_by_side(loaded):
     assert not torch.equal(images[0][0], images[1][0])  # prompts differ
     expected = grid_tensor(labelled_grid(lines, ["base", "edited"], images))
     assert torch.equal(grid, expected)
+    assert report.count("+1.00") == 2  # a MODEL compared with itself keeps every prompt's guidance
     assert CompareModels.validate_inputs(prompts=" \n ") != True  # noqa: E712
     with pytest.raises(ConceptGuardError, match="prompts"):
         CompareModels.execute(
             base=model, edited=model, clip=clip, vae=vae, prompts="", seed=0, samples=1, steps=1, cfg=1.0
         )
+
+
+def test_compare_node_scores_an_erased_concept_low_and_the_rest_near_one(loaded):
+    from concept_guard.nodes.closed_form import EraseConceptClosedForm
+
+    model, clip, vae = loaded
+    node = EraseConceptClosedForm.PREPARE_CLASS_CLONE({"unique_id": "7"})
+    with torch.inference_mode():
+        edited, _, erase_report = node.execute(
+            model=model,
+            clip=clip,
+            concepts="circle",
+            method="auto",
+            anchor="",
+            preserve="",
+            eta=0.0,
+            erase_scale=0.0,
+            preserve_scale=0.0,
+            lamb=0.0,
+            rounds=3,
+            file_name="",
+            score=False,
+        ).result
+        _, report = CompareModels.execute(
+            base=model,
+            edited=edited,
+            edited_2=model,
+            clip=clip,
+            vae=vae,
+            prompts="a circle\na blue square",
+            seed=0,
+            samples=1,
+            steps=2,
+            cfg=5.0,
+        ).result
+        _, silent = CompareModels.execute(
+            base=model,
+            edited=edited,
+            clip=clip,
+            vae=vae,
+            prompts="a circle",
+            seed=0,
+            samples=1,
+            steps=2,
+            cfg=5.0,
+            score=False,
+        ).result
+    rows = {line.split()[-3]: [float(v) for v in line.split()[-2:]] for line in report.splitlines()[2:]}
+    assert "edited 2" in report.splitlines()[1] and silent == ""
+    assert "concept score: off" in erase_report
+    (circle, circle_same), (square, square_same) = rows["circle"], rows["square"]
+    assert circle < 0.5 and square > 0.7 and circle_same == square_same == 1.0, report

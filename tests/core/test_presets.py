@@ -39,3 +39,17 @@ def test_sd_families_get_the_official_scripts_values(sd1_backend, sdxl_backend):
     assert (sdxl.eta, sdxl.lr, sdxl.guidance) == (1.0, 2e-4, 2.0)
     assert sd1.concepts == ("a dog",) and not sd1.preserve  # no recipe prompts outside ShapesWorld
     assert set(ESD_DEFAULTS) == {"sd1", "sd2", "sdxl", "shapesworld"}
+
+
+def test_closed_form_auto_on_shapesworld_erases_the_models_own_wordings(shapesworld):
+    from concept_guard.core.methods.uce import UCEConfig
+    from concept_guard.presets import uce_settings
+    from concept_guard.shapesworld import world
+
+    cfg = UCEConfig(**uce_settings(shapesworld, "circle", {}))
+    assert set(shapesworld_recipe("circle")["erase_from"]) < set(cfg.erase_from)
+    assert any("disc" in p for p in cfg.erase_from)  # the synonym, in the model's own captions
+    assert all(world.parse_prompt(p)["shape"] == "circle" for p in cfg.erase_from)
+    assert all(world.parse_prompt(p)["shape"] != "circle" for p in cfg.preserve if p)
+    # a colour has no recipe: auto leaves the prompts to the user instead of failing
+    assert UCEConfig(**uce_settings(shapesworld, "red", {})).erase_from == ()

@@ -12,7 +12,7 @@ from concept_guard.core.score import score_edit
 from concept_guard.presets import uce_settings
 from concept_guard.shapesworld import load_shapesworld, shapesworld_model_path
 from concept_guard.shapesworld.attack import paraphrases
-from concept_guard.shapesworld.recipes import ERASED_PROMPTS, GRID
+from concept_guard.shapesworld.recipes import ERASED_PROMPTS, GRID, held_out_captions
 from test_esd_shapesworld import grid_rates, level_rates, mean, rates
 
 pytestmark = pytest.mark.skipif(
@@ -20,11 +20,10 @@ pytestmark = pytest.mark.skipif(
     reason="the ShapesWorld model weights are not in core/shapesworld/assets/model",
 )
 
-#: Bars (measured with scripts/uce_report.py; see docs/results.md): circles left on the tuned prompts (mean; "a
-#: filled blue circle" keeps 0.62 there, the closed form's weak spot) and the held-out paraphrases (mean), and how
-#: far any other shape or colour may move on the GRID prompts (measured: at most 1 point).
-TUNED_MEAN = 0.3
-HELD_OUT_MEAN = 0.15
+#: Bars (measured with scripts/uce_report.py; see docs/results.md): circles left on any tuned prompt, held-out
+#: paraphrase or held-out caption in the model's own grammar (measured: at most 1 of 32 samples), and how far any
+#: other shape or colour may move on the GRID prompts (measured: at most 4.4 points).
+WORST_PROMPT = 0.15
 OTHER_POINTS = 0.05
 
 
@@ -53,12 +52,13 @@ def test_uce_defaults_erase_the_circle_on_unseen_wordings_and_keep_the_rest(back
     with attach_edit(backend, result.tensors):
         tuned = rates(backend, judge, ERASED_PROMPTS["circle"], "shape", circle)
         held_out = rates(backend, judge, paraphrases("circle"), "shape", circle, seed=300)
+        captions = rates(backend, judge, held_out_captions("circle", count=8), "shape", circle, seed=700)
     after = grid_rates(backend, judge, others, result.tensors)
     (erased,), kept = score_edit(backend, result.tensors, ["a circle"], ["a square", "a red heart"])
-    print({"tuned": tuned, "held_out": held_out, "score": (erased, kept)})
+    print({"tuned": tuned, "held_out": held_out, "captions": captions, "score": (erased, kept)})
     assert mean(before_c) >= 0.9
-    assert mean(tuned) <= TUNED_MEAN, tuned
-    assert mean(held_out) <= HELD_OUT_MEAN, held_out
+    for found in (tuned, held_out, captions):
+        assert max(found.values()) <= WORST_PROMPT, found
     for head in ("shape", "colour"):
         b, a = level_rates(before, head), level_rates(after, head)
         moved = {k: round(a[k] - b[k], 3) for k in b}
