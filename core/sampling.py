@@ -113,6 +113,7 @@ def _run(
     eta: float,
     keep: Sequence[int] | None,
     on_step: Callable[[], None] | None = None,
+    noise: torch.Tensor | None = None,
 ):
     _check(steps, guidance, eta, generator, seed)
     batch = len(cond) if batch is None else int(batch)
@@ -122,8 +123,13 @@ def _run(
     scheduler = ddim_scheduler(backend.alphas_cumprod, steps)
     h, w = latent_hw(backend, latent_size)
     shape = (batch, backend.latent_channels, h, w)
-    x = randn_tensor(shape, generator=generator, device=torch.device(backend.device), dtype=torch.float32)
-    x = x * scheduler.init_noise_sigma
+    if noise is None:
+        noise = randn_tensor(
+            shape, generator=generator, device=torch.device(backend.device), dtype=torch.float32
+        )
+    elif tuple(noise.shape) != shape:
+        raise ConceptGuardError(f"`noise` must have shape {shape}, got {tuple(noise.shape)}.")
+    x = noise.to(backend.device, torch.float32) * scheduler.init_noise_sigma
     wanted = set(range(steps)) if keep is None else {i % steps for i in keep}
     kept, kept_t = [], []
     for i, t in enumerate(scheduler.timesteps):
@@ -196,13 +202,14 @@ def sample_trajectory(
     eta: float = 0.0,
     keep: Sequence[int] | None = None,
     on_step: Callable[[], None] | None = None,
+    noise: torch.Tensor | None = None,
 ) -> Trajectory:
     """Run :func:`sample` and keep the intermediate ``x_t`` (the UNet's input) at the chosen steps.
 
     All trajectories of the batch are sampled together; ``keep`` lists step indices (0 = the initial noise
     at the largest timestep, negative indices count from the end); ``None`` keeps every step. Other
     arguments are those of :func:`sample`. ``on_step`` is called after every DDIM step (it may raise to
-    interrupt).
+    interrupt). ``noise`` (``[batch, C, h, w]``, *optional*): the initial noise, instead of drawing it.
 
     Returns:
         :class:`Trajectory` (``latents [S, B, C, h, w]``, ``timesteps [S]``), unpackable as a tuple.
@@ -220,6 +227,7 @@ def sample_trajectory(
         eta=eta,
         keep=keep,
         on_step=on_step,
+        noise=noise,
     )
     if not kept:
         raise ConceptGuardError(f"`keep`={keep!r} selects none of the {steps} steps.")

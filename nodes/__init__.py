@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from ._api import CATEGORY, ComfyExtension, io
 from .apply_edit import ApplyEditedUNet
+from .attack import AttackErasure
 from .backdoor_ti import BackdoorTIEmbedding
 from .closed_form import EraseConceptClosedForm
 from .compare import CompareModels
@@ -25,6 +26,7 @@ NODE_CLASSES: list[type[io.ComfyNode]] = [
     ApplyEditedUNet,
     ConvertEdit,
     CompareModels,
+    AttackErasure,
     LoadShapesWorld,
     ShapesWorldRender,
     ShapesWorldJudge,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ..comfy_backend.backend import ComfyBackend
+from ..comfy_backend.memory import worth_checkpointing
 from ..comfy_backend.patches import make_patched_model
 from ..comfy_backend.preview import TrainingPreview
 from ..core.edits.diff_file import EDIT_DTYPE, save_edit
@@ -119,7 +120,7 @@ class EraseConceptESD(io.ComfyNode):
                     default=True,
                     optional=True,
                     tooltip="Gradient checkpointing: recompute UNet blocks in backward (~1 extra forward "
-                    "per step) to keep peak memory near the model's own size.",
+                    "per step) to keep peak memory near the model's own size. Models under 256 MiB train without it.",
                 ),
                 io.String.Input(
                     "erase_from",
@@ -206,7 +207,7 @@ class EraseConceptESD(io.ComfyNode):
         cfg = ESDConfig(
             **settings, anchor=anchor or None, seed=seed, latent_size=resolution // 8 if resolution else None
         )
-        with backend.training(checkpointing=low_memory):
+        with backend.training(checkpointing=low_memory and worth_checkpointing(model.model.diffusion_model)):
             node_id = cls.hidden.unique_id if cls.hidden is not None else None  # None outside a graph
             preview = TrainingPreview(
                 backend, cfg.concepts[0], count=previews, total=cfg.iterations, latent_size=cfg.latent_size

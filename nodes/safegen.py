@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..comfy_backend.backend import ComfyBackend
+from ..comfy_backend.memory import worth_checkpointing
 from ..comfy_backend.patches import make_patched_model
 from ..core.edits.diff_file import EDIT_DTYPE, save_edit
 from ..core.errors import ConceptGuardError
@@ -106,7 +107,7 @@ class EraseVisualConceptSafeGen(io.ComfyNode):
                     default=True,
                     optional=True,
                     tooltip="Gradient checkpointing: recompute UNet blocks in backward to keep peak memory near "
-                    "the model's own size.",
+                    "the model's own size. Models under 256 MiB train without it.",
                 ),
             ],
             outputs=edit_outputs(),
@@ -143,7 +144,7 @@ class EraseVisualConceptSafeGen(io.ComfyNode):
         )
         node_id = cls.hidden.unique_id if cls.hidden is not None else None
         on_step, on_phase = progress_callback(cfg.steps, node_id), phase_callback(node_id)
-        with backend.training(checkpointing=low_memory):
+        with backend.training(checkpointing=low_memory and worth_checkpointing(model.model.diffusion_model)):
             result = train(
                 cfg,
                 backend,

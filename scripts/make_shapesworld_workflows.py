@@ -113,7 +113,8 @@ def sample_and_judge(
 ESD_NOTE = (
     "### Erase a shape from the demo model\n\n**Load ShapesWorld** gives a tiny SD1.x-architecture model "
     "(32-px images of coloured shapes; no download). **Erase Concept (ESD)** erases `circle` with the "
-    "settings chosen for this model (all on auto), in one to two minutes on CPU. The two KSamplers use the "
+    "settings chosen for this model (all on auto), in about a minute on two CPU cores, showing samples of "
+    "the circle as it fades. The two KSamplers use the "
     "same seed: above the base model, below the erased one; each **ShapesWorld Judge** counts circles.\n\n"
     "Use a 64×64 EmptyLatentImage with this model (its VAE scales by 4)."
 )

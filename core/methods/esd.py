@@ -33,10 +33,11 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from diffusers.utils.torch_utils import randn_tensor
 
 from ..backend import Conditioning, DiffusionBackend
 from ..errors import ConceptGuardError
-from ..sampling import sample_trajectory
+from ..sampling import latent_hw, sample_trajectory
 from ..seeding import make_generator
 from ..targets import select_for_method
 from ..trainer import StepCallback, TrainResult, optimise
@@ -130,6 +131,11 @@ def _bank_jobs(
     return jobs
 
 
+#: Latent pixels (rows × h × w) sampled in one batch while building the bank: a small model samples many
+#: prompts together (ShapesWorld: 64 prompts of 4 trajectories), SD-size models one prompt at a time.
+BANK_GROUP_PIXELS = 16384
+
+
 def _sample_bank(
     backend: DiffusionBackend,
     cfg: ESDConfig,
@@ -138,24 +144,33 @@ def _sample_bank(
     gen: torch.Generator,
     on_progress: Callable[[], None] | None,
 ) -> TrajectoryBank:
-    """The frozen model's trajectories for every job's student prompt, targets still zero."""
+    """The frozen model's trajectories for every job's student prompt, targets still zero. Each job's initial
+    noise is drawn in job order from ``gen``, so grouping jobs into batches does not change the bank."""
+    b = cfg.bank_trajectories
+    h, w = latent_hw(backend, cfg.latent_size)
+    shape = (b, backend.latent_channels, h, w)
+    device = torch.device(backend.device)
+    noise = [randn_tensor(shape, generator=gen, device=device, dtype=torch.float32) for _ in jobs]
+    per_group = max(1, BANK_GROUP_PIXELS // (b * h * w))
     xs, ts, idx, conds = [], [], [], []
-    for student, *_ in jobs:
+    for g in range(0, len(jobs), per_group):
+        group = jobs[g : g + per_group]
         traj, steps = sample_trajectory(
             backend,
-            student,
+            Conditioning.cat([student.expand_to(b) for student, *_ in group]),
             null,
-            batch=cfg.bank_trajectories,
+            batch=b * len(group),
             steps=cfg.sampling_steps,
             guidance=cfg.guidance,
-            generator=gen,
             latent_size=cfg.latent_size,
             on_step=on_progress,
-        )  # traj: [S, B, C, h, w]; steps: [S] timesteps at which each x_t is evaluated
-        xs.append(traj.flatten(0, 1).cpu())
-        ts.append(steps.repeat_interleave(traj.shape[1]).cpu())
-        idx.append(torch.full((xs[-1].shape[0],), len(conds), dtype=torch.long))
-        conds.append(student)
+            noise=torch.cat(noise[g : g + per_group]),
+        )  # traj: [S, B·jobs, C, h, w]; steps: [S] timesteps at which each x_t is evaluated
+        for k, (student, *_) in enumerate(group):
+            xs.append(traj[:, k * b : (k + 1) * b].flatten(0, 1).cpu())
+            ts.append(steps.repeat_interleave(b).cpu())
+            idx.append(torch.full((xs[-1].shape[0],), len(conds), dtype=torch.long))
+            conds.append(student)
     x_t = torch.cat(xs)
     return TrajectoryBank(
         x_t=x_t, t=torch.cat(ts), concept=torch.cat(idx), target=torch.zeros(x_t.shape), conds=conds

@@ -102,3 +102,12 @@ def test_esd_node_has_an_optional_low_memory_switch():
         info["optional"]["low_memory"][0] == "BOOLEAN"
         and info["optional"]["low_memory"][1]["default"] is True
     )
+
+
+def test_small_unets_are_not_worth_checkpointing(tiny_model, monkeypatch):
+    from concept_guard.comfy_backend import memory
+
+    unet = tiny_model.model.diffusion_model
+    assert not memory.worth_checkpointing(unet)  # a few MiB: the node trains it without checkpointing
+    monkeypatch.setattr(memory, "MIN_CHECKPOINT_BYTES", memory.weight_bytes(unet))
+    assert memory.worth_checkpointing(unet)

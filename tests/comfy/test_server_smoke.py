@@ -25,6 +25,7 @@ EXPECTED_NODE_IDS = {
     "ConceptGuardApplyEditedUNet",
     "ConceptGuardConvertEdit",
     "ConceptGuardCompareModels",
+    "ConceptGuardAttackErasure",
     "ConceptGuardLoadShapesWorld",
     "ConceptGuardShapesWorldJudge",
     "ConceptGuardShapesWorldRender",

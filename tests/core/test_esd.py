@@ -269,10 +269,24 @@ def test_bank_computes_targets_only_for_the_rows_training_draws(sd1_backend):
     assert lazy.target[unused].abs().sum() == 0 and full.target[unused].abs().sum() > 0
 
 
-def test_bank_sampling_ticks_every_ddim_step(sd1_backend):
+@pytest.mark.parametrize(("group_pixels", "groups"), [(1, 2), (esd.BANK_GROUP_PIXELS, 1)])
+def test_bank_sampling_ticks_every_ddim_step(sd1_backend, monkeypatch, group_pixels, groups):
+    monkeypatch.setattr(esd, "BANK_GROUP_PIXELS", group_pixels)  # 1: one prompt per batch
     ticks = []
     build_bank(
         sd1_backend, ESDConfig(concepts=("circle", "star"), **FAST), on_progress=lambda: ticks.append(1)
     )
     targets = 2  # one batch of targets per concept
-    assert len(ticks) == 2 * FAST["sampling_steps"] + targets
+    assert len(ticks) == groups * FAST["sampling_steps"] + targets
+
+
+def test_sampling_prompts_together_gives_the_bank_of_one_prompt_at_a_time(sd1_backend, monkeypatch):
+    cfg = ESDConfig(
+        concepts=("circle",), erase_from=("a red circle", "a blue circle"), preserve=("a square",), **FAST
+    )
+    together = build_bank(sd1_backend, cfg)
+    monkeypatch.setattr(esd, "BANK_GROUP_PIXELS", 1)
+    alone = build_bank(sd1_backend, cfg)
+    assert torch.equal(together.t, alone.t) and torch.equal(together.concept, alone.concept)
+    torch.testing.assert_close(together.x_t, alone.x_t, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(together.target, alone.target, rtol=1e-4, atol=1e-5)
