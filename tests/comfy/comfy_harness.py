@@ -377,9 +377,8 @@ def start_comfy_server(base: Path, *, start_timeout: float | None = None) -> Com
     """
     prepare_base_dir(base)
     port = _free_port()
-    env = dict(
-        os.environ, PYTHONPYCACHEPREFIX=str(PYCACHE), PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1"
-    )  # 2 shared cores
+    threads = os.environ.get("CONCEPT_GUARD_SERVER_THREADS", "1")  # 1: the tests share 2 cores
+    env = dict(os.environ, PYTHONPYCACHEPREFIX=str(PYCACHE), PYTHONUNBUFFERED="1", OMP_NUM_THREADS=threads)
     if NEED_TORCHVISION_STUB:
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(STUBS), env.get("PYTHONPATH", "")) if p)
     cmd = [

@@ -240,7 +240,10 @@ def test_erase_workflow_runs_when_queued_from_the_page(browser_page, comfy_serve
         _judge_rate(entry, judges["before"], "circle"),
         _judge_rate(entry, judges["after"], "circle"),
     )
+    stamps = {name: data.get("timestamp") for name, data in entry["status"]["messages"]}
+    seconds = (stamps["execution_success"] - stamps["execution_start"]) / 1000
     result = {
+        "seconds": seconds,
         "circle_rate_before": before,
         "circle_rate_after": after,
         "esd_status_samples": seen,
@@ -249,6 +252,7 @@ def test_erase_workflow_runs_when_queued_from_the_page(browser_page, comfy_serve
     }
     (artifacts / "shapesworld_erase_result.json").write_text(json.dumps(result, indent=1))
     print(f"ShapesWorld judge, share of images with a circle: before {before:.2f}, after {after:.2f}")
+    print(f"the workflow ran in {seconds:.1f} s")
     assert after < before, f"ESD did not reduce circles: {before:.2f} -> {after:.2f}"
 
     log = browser_page.log.since(mark)
