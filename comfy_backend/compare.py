@@ -8,6 +8,7 @@ from collections.abc import Callable, Sequence
 import comfy.sample
 import torch
 
+from ..core.score import compare_scores, compare_table
 from .backend import ComfyBackend
 
 
@@ -59,3 +60,10 @@ def sample_models(
                 on_done()
         out.append(row)
     return out
+
+
+def score_models(models: Sequence[object], clip, prompts: Sequence[str], names: Sequence[str]) -> str:
+    """The concept score of each prompt on each of ``models[1:]`` against ``models[0]``, as a text table with
+    the columns ``names``."""
+    backends = [ComfyBackend(m, clip) for m in models]
+    return compare_table(prompts, names, compare_scores(backends[0], backends[1:], prompts))

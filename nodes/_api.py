@@ -43,3 +43,8 @@ def choice_problem(name: str, value: str, options: tuple[str, ...]) -> str | Non
 
 
 __all__ = ["CATEGORY", "ComfyExtension", "choice_problem", "edit_file_inputs", "edit_outputs", "io", "ui"]
+
+
+def prompt_lines(text: str) -> list[str]:
+    """The non-empty lines of a multiline prompt input, stripped."""
+    return [line.strip() for line in text.splitlines() if line.strip()]

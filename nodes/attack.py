@@ -4,12 +4,8 @@ from __future__ import annotations
 
 from ..comfy_backend.attack import attack_erasure
 from ..core.errors import ConceptGuardError
-from ._api import CATEGORY, io
+from ._api import CATEGORY, io, prompt_lines
 from ._io import progress_callback
-
-
-def _lines(text: str) -> list[str]:
-    return [line.strip() for line in text.splitlines() if line.strip()]
 
 
 class AttackErasure(io.ComfyNode):
@@ -77,7 +73,7 @@ class AttackErasure(io.ComfyNode):
             vae,
             images,
             concept,
-            _lines(paraphrases),
+            prompt_lines(paraphrases),
             search_steps=search_steps,
             samples=samples,
             steps=steps,

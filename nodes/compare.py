@@ -4,16 +4,10 @@ from __future__ import annotations
 
 import comfy.utils
 
-from ..comfy_backend.backend import ComfyBackend
-from ..comfy_backend.compare import sample_models
+from ..comfy_backend.compare import sample_models, score_models
 from ..core.errors import ConceptGuardError
 from ..core.grid import grid_tensor, labelled_grid
-from ..core.score import compare_scores, compare_table
-from ._api import CATEGORY, io
-
-
-def _prompts(text: str) -> list[str]:
-    return [line.strip() for line in text.splitlines() if line.strip()]
+from ._api import CATEGORY, io, prompt_lines
 
 
 class CompareModels(io.ComfyNode):
@@ -54,7 +48,7 @@ class CompareModels(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, prompts: str = "") -> bool | str:
-        if isinstance(prompts, str) and not _prompts(prompts):
+        if isinstance(prompts, str) and not prompt_lines(prompts):
             return "`prompts` is empty: give at least one prompt, one per line."
         return True
 
@@ -62,7 +56,7 @@ class CompareModels(io.ComfyNode):
     def execute(
         cls, base, edited, clip, vae, prompts, seed, samples, steps, cfg, edited_2=None, score=True
     ) -> io.NodeOutput:
-        lines = _prompts(prompts)
+        lines = prompt_lines(prompts)
         if not lines:
             raise ConceptGuardError("`prompts` is empty: give at least one prompt, one per line.")
         models = [base, edited, *([edited_2] if edited_2 is not None else [])]
@@ -81,7 +75,6 @@ class CompareModels(io.ComfyNode):
         )
         report = ""
         if score:
-            backends = [ComfyBackend(m, clip) for m in models]
-            report = compare_table(lines, names[1:], compare_scores(backends[0], backends[1:], lines))
+            report = score_models(models, clip, lines, names[1:])
             bar.update(len(lines) * len(models))
         return io.NodeOutput(grid_tensor(labelled_grid(lines, names, images)), report)
