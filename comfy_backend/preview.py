@@ -45,7 +45,6 @@ class TrainingPreview:
             self.cond, self.null = backend.encode_text([prompt]), backend.encode_text([""])
         else:
             self.due = set()
-        self.shown = 0
 
     @torch.no_grad()
     def __call__(self, step: int) -> tuple[str, Image.Image, int] | None:
@@ -61,7 +60,6 @@ class TrainingPreview:
         else:
             pixels = b.vae_decode(x)[0].movedim(0, -1).mul(255).round().byte().cpu().numpy()
             kind, image, size = "JPEG", Image.fromarray(pixels), latent_preview.MAX_PREVIEW_RESOLUTION
-        self.shown += 1
         return kind, _enlarged(image), size
 
 

@@ -311,9 +311,44 @@ def _compare_graph(prompts: str, samples: int) -> dict:
     }
 
 
+def _attack_graph(concept: str = "a circle", search_steps: int = 5) -> dict:
+    """Load ShapesWorld -> closed-form erase of "circle" -> Attack Erasure with rendered circles."""
+    erase = dict(
+        method="auto", anchor="", preserve="", eta=0.0, erase_scale=0.0, preserve_scale=0.0, lamb=0.0
+    )
+    attack = dict(
+        concept=concept, paraphrases="a disc", search_steps=search_steps, samples=1, steps=2, cfg=5.0
+    )
+    return {
+        "1": {"class_type": "ConceptGuardLoadShapesWorld", "inputs": {}},
+        "4": {"class_type": "ConceptGuardShapesWorldRender", "inputs": {"prompt": "a circle", "count": 4, "seed": 0}},
+        "5": {
+            "class_type": "ConceptGuardEraseClosedForm",
+            "inputs": {"model": ["1", 0], "clip": ["1", 1], "concepts": "circle", "rounds": 3, "file_name": "",
+                       "score": False, **erase},
+        },
+        "2": {
+            "class_type": "ConceptGuardAttackErasure",
+            "inputs": {"base": ["1", 0], "edited": ["5", 0], "clip": ["1", 1], "vae": ["1", 2], "images": ["4", 0],
+                       "seed": 0, **attack},
+        },
+    }  # fmt: skip
+
+
+def test_attack_erasure_runs_through_the_server(comfy_server):
+    prompt = _attack_graph()
+    prompt["3"] = {"class_type": "PreviewAny", "inputs": {"source": ["2", 2]}}
+    entry = queue(comfy_server, prompt, timeout=300)
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    report = "".join(entry["outputs"]["3"]["text"])
+    assert "the concept's name" in report and "paraphrase" in report and "prompt search" in report, report
+
+
 @pytest.mark.parametrize(
     ("prompt", "node", "kind"),
     [
+        (_attack_graph(concept="  "), "2", "custom_validation_failed"),
+        (_attack_graph(search_steps=-1), "2", "value_smaller_than_min"),
         (
             {
                 "1": {
